@@ -1,0 +1,78 @@
+"""Wire protocol: MessagePack via msgspec, versioned, strict. Shared by the SDK and the broker.
+
+Every struct forbids unknown fields and decoders are built once.  The capability is not a field:
+it is the subject's last token, which the NATS server (not the Pack) places in the broker's account.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+RequestId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+ComponentId = Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A Pack asks the broker for one capability (the subject names which)."""
+
+    v: int
+    id: RequestId
+    component_id: ComponentId
+    args: dict[str, Any] = {}
+
+
+class CallRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An admin invokes one of a Pack's tools on rumi.pack.<id>.call.<type>.<name>."""
+
+    v: int
+    id: RequestId
+    args: dict[str, Any] = {}
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Why a request failed: a contract error code and a message safe to show."""
+
+    code: str
+    message: str
+
+
+class Reply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Answer to a Request or a CallRequest."""
+
+    v: int
+    id: str
+    success: bool
+    data: Any = None
+    error: ErrorInfo | None = None
+
+
+REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
+CALL_DECODER = msgspec.msgpack.Decoder(CallRequest)
+REPLY_DECODER = msgspec.msgpack.Decoder(Reply)
+ENCODER = msgspec.msgpack.Encoder()
+
+
+def ok_reply(request_id: str, data: Any) -> bytes:
+    """Encode a successful reply."""
+    return ENCODER.encode(Reply(v=PROTOCOL_VERSION, id=request_id, success=True, data=data))
+
+
+def error_reply(request_id: str, code: str, message: str) -> bytes:
+    """Encode a failed reply."""
+    return ENCODER.encode(
+        Reply(v=PROTOCOL_VERSION, id=request_id, success=False, error=ErrorInfo(code=code, message=message))
+    )
+
+
+def request_subject(pack_id: str, capability: str) -> str:
+    """Subject a Pack publishes a request on (the broker sees the same subject in its account)."""
+    return f"rumi.pack.{pack_id}.req.{capability}"
+
+
+def call_subject(pack_id: str, type_: str, name: str) -> str:
+    """Subject of a tool call into a Pack."""
+    return f"rumi.pack.{pack_id}.call.{type_}.{name}"

@@ -14,12 +14,13 @@ Stdlib and ctypes only: this module imports nothing of NATS, Docker or typer.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,26 +159,35 @@ class ProtectedSet:
 
     def paths(self) -> list[Path]:
         """The protected paths as configured (absolute, not resolved)."""
-        listed = list(self._fixed)
+        return [Path(p) for p in self._path_strings()]
+
+    def _path_strings(self) -> list[str]:
+        listed = [os.fspath(p) for p in self._fixed]
         if self._source is not None:
-            listed.extend(Path(os.path.abspath(p)) for p in self._source())
+            listed.extend(os.path.abspath(p) for p in self._source())
         return listed
 
     def _snapshot(self) -> tuple[set[FileIdentity], set[tuple[FileIdentity, str]]]:
         """Identities of existing protected objects, and (parent identity, name) of every protected entry."""
         ids: set[FileIdentity] = set()
         entries: set[tuple[FileIdentity, str]] = set()
-        for path in self.paths():
+        parents: dict[str, FileIdentity | None] = {}
+        for path in self._path_strings():
             for follow in (True, False):
                 try:
                     ids.add(_identity(os.stat(path, follow_symlinks=follow)))
                 except OSError:
                     pass
-            try:
+            parent, name = os.path.split(path)
+            if parent not in parents:
+                try:
+                    parents[parent] = _identity(os.stat(parent))
+                except OSError:
+                    parents[parent] = None
+            parent_id = parents[parent]
+            if parent_id is not None:
                 # Lets a write refuse to create a protected name that does not exist yet.
-                entries.add((_identity(os.stat(path.parent)), path.name))
-            except OSError:
-                pass
+                entries.add((parent_id, name))
         return ids, entries
 
     def identities(self) -> set[FileIdentity]:
@@ -228,11 +238,12 @@ class ProtectedSet:
 
     @staticmethod
     def _walk_up(dir_fd: int, stop_at: FileIdentity | None, ids: set[FileIdentity]) -> None:
-        for ident in _ancestors(dir_fd):
-            if ident in ids:
-                raise Denied("path is protected")
-            if ident == stop_at:
-                return
+        with contextlib.closing(_ancestors(dir_fd)) as walk:
+            for ident in walk:
+                if ident in ids:
+                    raise Denied("path is protected")
+                if ident == stop_at:
+                    return
 
     def overlaps(self, path: str | os.PathLike[str]) -> bool:
         """True if `path` is, contains or lies inside a protected path (for refusing grants at load).
@@ -259,7 +270,7 @@ class ProtectedSet:
         return any(_any_ancestor(p, lambda ident: ident == target) for p in protected)
 
 
-def _ancestors(dir_fd: int) -> Iterator[FileIdentity]:
+def _ancestors(dir_fd: int) -> Generator[FileIdentity, None, None]:
     """Identities of directory `dir_fd` and each real parent up to "/" (bounded)."""
     cur = os.dup(dir_fd)
     try:
@@ -299,7 +310,8 @@ def _any_ancestor(path: Path, pred: Callable[[FileIdentity], bool]) -> bool:
             start = start.parent
             continue
         try:
-            return any(pred(ident) for ident in _ancestors(fd))
+            with contextlib.closing(_ancestors(fd)) as walk:
+                return any(pred(ident) for ident in walk)
         finally:
             os.close(fd)
 

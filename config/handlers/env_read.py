@@ -5,8 +5,8 @@ set there wins) or else from the broker's environment. Only keys listed exactly 
 `allowed_keys` are served. The value never reaches the audit record, a log or an error message.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: msgspec must see real types even when the
+# broker loads this file without registering it in sys.modules.
 import os
 from pathlib import Path
 from typing import Any

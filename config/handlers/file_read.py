@@ -4,8 +4,8 @@ Resolution is the kernel's (openat2 beneath the grant, see broker._fs): symlinks
 grant, magic links are refused, protected workspace paths are refused by device and inode.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: msgspec must see real types even when the
+# broker loads this file without registering it in sys.modules.
 from typing import Annotated, Any
 
 import msgspec

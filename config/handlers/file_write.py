@@ -4,8 +4,8 @@ The new content goes to a temp file beside the target, is fsynced and renamed ov
 (see broker._fs.write_beneath): never half-written, a symlink at the target is replaced, not followed.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: msgspec must see real types even when the
+# broker loads this file without registering it in sys.modules.
 from typing import Annotated, Any
 
 import msgspec

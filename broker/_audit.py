@@ -23,7 +23,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any, Final
@@ -46,10 +46,13 @@ __all__ = [
     "canonical_json",
     "event_hash",
     "export_events",
+    "export_stream",
     "load_events",
     "read_events",
+    "read_stored",
     "utc_timestamp",
     "verify_events",
+    "verify_stream",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,6 +179,8 @@ class AuditChain:
     def seal(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Return a copy of `fields` with ``chain``, ``seq``, ``prev_hash`` and ``hash`` set (synchronous)."""
         event = {k: v for k, v in fields.items() if k not in CHAIN_FIELDS}
+        if isinstance(event.get("extra"), Mapping):
+            event["extra"] = _safe_extra(event["extra"])  # handler-supplied: scalars only, capped
         event.setdefault("v", AUDIT_VERSION)
         event.setdefault("ts", utc_timestamp())
         event["chain"] = self.chain_id
@@ -218,6 +223,16 @@ class AuditWriter:
         # Sealing and handing the bytes to the client happen under one lock, so stream order = chain order.
         self._send_lock = asyncio.Lock()
 
+    @staticmethod
+    def stored_msg_id(msg_id: str, event: Mapping[str, Any]) -> str:
+        """The ``Nats-Msg-Id`` an event is published with: the caller's id plus ``|<chain>.<seq>``.
+
+        The suffix makes it unique per event: request ids are chosen by Packs, so a Pack that reused one
+        would otherwise have JetStream drop its next audit event as a duplicate (an unaudited action and
+        a hole in the chain).  A retry of the same event keeps the same id, so it is still stored once.
+        """
+        return f"{msg_id}|{event['chain']}.{event['seq']}"
+
     async def _send(self, subject: str, payload: bytes, msg_id: str) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = await self._js.publish_async(
             subject,
@@ -228,16 +243,20 @@ class AuditWriter:
         )
         return future
 
-    async def _await_ack(self, future: asyncio.Future[Any]) -> None:
+    async def _await_ack(self, future: asyncio.Future[Any], *, retry: bool) -> None:
         ack = await asyncio.wait_for(future, self.timeout)
         if getattr(ack, "stream", AUDIT_STREAM) != AUDIT_STREAM:
             raise AuditError(f"audit event landed in stream {ack.stream!r}, not {AUDIT_STREAM}")
+        if getattr(ack, "duplicate", False) and not retry:
+            # Ids are unique per event: a duplicate on the first send means someone else used it.
+            raise AuditError("JetStream already holds a message with this id")
 
     async def record(self, fields: dict[str, Any], *, msg_id: str) -> dict[str, Any]:
         """Seal `fields` into the chain, publish, and return the event once JetStream has acked it.
 
-        On failure or timeout it retries once with the same ``Nats-Msg-Id`` (a stored duplicate is
-        dropped by JetStream), then rotates the chain and raises `AuditError`.
+        Published with ``Nats-Msg-Id`` = `stored_msg_id(msg_id, event)`.  On failure or timeout it
+        retries once with the same id (if the first send was stored after all, JetStream drops the
+        copy), then rotates the chain and raises `AuditError`.
         """
         subject = audit_subject(
             _subject_token(fields.get("pack_id")), _subject_token(fields.get("capability"))
@@ -246,19 +265,20 @@ class AuditWriter:
         async with self._send_lock:
             event = self.chain.seal(fields)
             payload = canonical_json(event)
+            msg_id = self.stored_msg_id(msg_id, event)
             try:
                 future = await self._send(subject, payload, msg_id)
             except Exception as exc:
                 first_error = exc
         if first_error is None:
             try:
-                await self._await_ack(future)
+                await self._await_ack(future, retry=False)
                 return event
             except Exception as exc:
                 first_error = exc
         await asyncio.sleep(self.retry_delay)
         try:
-            await self._await_ack(await self._send(subject, payload, msg_id))
+            await self._await_ack(await self._send(subject, payload, msg_id), retry=True)
             return event
         except Exception as exc:
             if self.chain.chain_id == event["chain"]:
@@ -289,19 +309,23 @@ class _RateBucket:
 
 
 class RateLimitAggregator:
-    """Folds ``rate_limited`` denials into one event per Pack and capability per window, with a `count`.
+    """Folds ``rate_limited`` denials into one event per Pack per window, with a `count`.
 
-    The broker calls `add` (synchronous) for each denial; `run` flushes closed windows until cancelled.
+    Keyed by Pack only: the capability is the last subject token, which a Pack may vary at will, so
+    keying on it would let a flood escape the folding.  The first denial of a window names the event's
+    component, capability and target.
+
+    The broker awaits `add` for each denial (it never blocks); `run` flushes closed windows until cancelled.
     """
 
     def __init__(self, writer: AuditWriter, window: float = 1.0) -> None:
         self._writer = writer
         self.window = window
-        self._buckets: dict[tuple[str, str], _RateBucket] = {}
+        self._buckets: dict[str, _RateBucket] = {}
 
-    def add(self, fields: dict[str, Any]) -> None:
-        """Count one rate_limited denial (the first one of a window supplies the event's fields)."""
-        key = (str(fields.get("pack_id")), str(fields.get("capability")))
+    async def add(self, fields: dict[str, Any]) -> None:
+        """Count one rate_limited denial (the first of a window supplies the event's fields); never waits."""
+        key = str(fields.get("pack_id"))
         bucket = self._buckets.get(key)
         if bucket is None:
             self._buckets[key] = _RateBucket(first=dict(fields), count=1, started=time.monotonic())
@@ -332,14 +356,10 @@ class RateLimitAggregator:
         return events
 
     async def run(self) -> None:
-        """Flush windows as they close, until cancelled; a final flush writes what is left."""
-        try:
-            while True:
-                await asyncio.sleep(self.window / 4)
-                await self.flush(older_than=self.window)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.flush())
+        """Flush windows as they close, until cancelled (call `flush()` once more on shutdown)."""
+        while True:
+            await asyncio.sleep(self.window / 4)
+            await self.flush(older_than=self.window)
 
 
 # ----------------------------------------------------------------------------------------- verify
@@ -444,6 +464,8 @@ class ChainVerifier:
                 # Provisional: becomes "reordered" if the expected event shows up later.
                 self._looking_for = (chain, expected_seq)
                 return chain, seq, "missing (gap)", f"expected seq {expected_seq}, found {seq}"
+            if head is not None and seq == head[0] and digest == head[1]:
+                return chain, seq, "duplicate", "the same event appears twice"
             return chain, seq, "reordered", f"seq {seq} comes after seq {expected_seq - 1}"
         if prev != expected_prev:
             if seq == 1:
@@ -569,6 +591,8 @@ class _StreamReader:
             raise AuditError(
                 f"no answer creating a reader on {AUDIT_STREAM} (JetStream down, or no permission)"
             ) from None
+        except Exception as exc:
+            raise AuditError(f"cannot reach NATS to read {AUDIT_STREAM} ({_describe(exc)})") from None
         answer = json.loads(reply.data)
         error = answer.get("error")
         if error:
@@ -581,22 +605,28 @@ class _StreamReader:
 
     async def pull(self, *, wait: bool) -> AsyncGenerator[Any, None]:
         """One pull request; yields stored messages until the batch ends (status message or full)."""
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
+        request: dict[str, Any] = {"batch": self._batch}
+        if wait:
+            # Long poll; heartbeats every second prove the server is still there.
+            request["expires"] = int(5 * _NS)
+            request["idle_heartbeat"] = int(1 * _NS)
+            deadline = 8.0
+        else:
+            request["no_wait"] = True
+            deadline = self._timeout
         try:
-            request: dict[str, Any] = {"batch": self._batch}
-            if wait:
-                request["expires"] = int(5 * _NS)
-                request["idle_heartbeat"] = int(1 * _NS)
-                deadline = 8.0
-            else:
-                request["no_wait"] = True
-                deadline = self._timeout
+            inbox = self._nc.new_inbox()
+            sub = await self._nc.subscribe(inbox)
             await self._nc.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{AUDIT_STREAM}.{self.name}",
                 json.dumps(request).encode(),
                 reply=inbox,
             )
+        except Exception as exc:
+            raise AuditError(
+                f"lost the connection to NATS while reading {AUDIT_STREAM} ({_describe(exc)})"
+            ) from None
+        try:
             received = 0
             while received < self._batch:
                 try:
@@ -606,7 +636,9 @@ class _StreamReader:
                         raise AuditError(
                             f"no answer reading {AUDIT_STREAM} (is NATS still running?)"
                         ) from None
-                    raise
+                    raise AuditError(
+                        f"lost the connection to NATS while reading {AUDIT_STREAM} ({_describe(exc)})"
+                    ) from None
                 status = _status(msg)
                 if status == "100":
                     continue  # idle heartbeat: the server is alive, keep waiting
@@ -631,45 +663,77 @@ class _ConsumerGone(Exception):
     """The server dropped our consumer (or skipped messages): make a new one where we stopped."""
 
 
+async def read_stored(
+    nc: Any,
+    *,
+    follow: bool = False,
+    pack: str | None = None,
+    start_seq: int = 1,
+    batch: int = 256,
+    timeout: float = 5.0,
+) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
+    """Yield ``(stream sequence, event)`` in stream order from `start_seq` (all Packs, or one `pack`).
+
+    Without `follow` it stops once it has caught up with the stream; with `follow` it then waits for
+    new events until cancelled.  Works with the read-only ``audit`` NATS identity.
+    """
+    if pack is not None and not is_pack_id(pack):
+        raise AuditError(f"pack id {pack!r} is not valid (expected ^[a-z][a-z0-9_-]{{0,31}}$)")
+    reader = _StreamReader(nc, f"rumi.audit.{pack}.>" if pack else AUDIT_SUBJECTS, batch, timeout)
+    reader.last_stream_seq = max(0, start_seq - 1)
+    remaining = await reader.create()
+    caught_up = remaining == 0
+    resets = 0
+    while follow or not caught_up:
+        try:
+            # Until caught up, pull what is there (no_wait); after that, long-poll for new events.
+            async with contextlib.aclosing(reader.pull(wait=caught_up)) as messages:
+                got = 0
+                async for msg in messages:
+                    resets = 0
+                    got += 1
+                    yield reader.last_stream_seq, _decode_event(msg.data, reader.last_stream_seq)
+                    if msg.metadata.num_pending == 0:
+                        caught_up = True
+                if not caught_up and got < batch:
+                    caught_up = True  # 404 "no messages": nothing more is stored
+        except _ConsumerGone as exc:
+            resets += 1
+            if resets > 3:
+                raise AuditError(f"reading {AUDIT_STREAM} keeps failing: {exc}") from None
+            await reader.create()
+
+
 async def read_events(
     nc: Any,
     *,
     follow: bool = False,
     pack: str | None = None,
     decision: str | None = None,
-    batch: int = 256,
-    timeout: float = 5.0,
-) -> AsyncIterator[dict[str, Any]]:
-    """Yield stored events in stream order (all Packs, or one `pack`; optionally one `decision`).
-
-    Without `follow` it stops at the end of the stream as it was when reading started; with `follow`
-    it waits for new events until cancelled.  Works with the read-only ``audit`` NATS identity.
-    """
-    if pack is not None and not is_pack_id(pack):
-        raise AuditError(f"pack id {pack!r} is not valid (expected ^[a-z][a-z0-9_-]{{0,31}}$)")
+    start_seq: int = 1,
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Yield stored events in stream order, optionally one `pack` and one `decision` (see `read_stored`)."""
     if decision is not None and decision not in DECISIONS:
         raise AuditError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
-    reader = _StreamReader(nc, f"rumi.audit.{pack}.>" if pack else AUDIT_SUBJECTS, batch, timeout)
-    remaining = await reader.create()
-    resets = 0
-    while follow or remaining > 0:
-        try:
-            async with contextlib.aclosing(reader.pull(wait=follow)) as messages:
-                async for msg in messages:
-                    resets = 0
-                    event = _decode_event(msg.data, reader.last_stream_seq)
-                    if not follow:
-                        remaining = msg.metadata.num_pending
-                    if decision is None or event.get("decision") == decision:
-                        yield event
-                    if not follow and remaining == 0:
-                        return
-            if not follow:
-                return  # 404 "no messages": we are at the end
-        except _ConsumerGone as exc:
-            resets += 1
-            if resets > 3:
-                raise AuditError(f"reading {AUDIT_STREAM} keeps failing: {exc}") from None
-            left = await reader.create()
-            if not follow:
-                remaining = left
+    async with contextlib.aclosing(read_stored(nc, follow=follow, pack=pack, start_seq=start_seq)) as stored:
+        async for _, event in stored:
+            if decision is None or event.get("decision") == decision:
+                yield event
+
+
+async def verify_stream(nc: Any) -> VerifyReport:
+    """Verify every chain in RUMI_AUDIT, in stream order."""
+    verifier = ChainVerifier()
+    async with contextlib.aclosing(read_events(nc)) as events:
+        async for event in events:
+            verifier.add(event)
+    return verifier.report
+
+
+async def export_stream(nc: Any, out: IO[str], *, pack: str | None = None) -> int:
+    """Write RUMI_AUDIT (or one Pack's events) to `out` as JSON lines; return how many."""
+    count = 0
+    async with contextlib.aclosing(read_events(nc, pack=pack)) as events:
+        async for event in events:
+            count += export_events((event,), out)
+    return count

@@ -21,6 +21,7 @@ import inspect
 import itertools
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -86,16 +87,8 @@ def display_path(path: Path) -> str:
 # --- change detection shared by handlers, scopes and grants ------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Stamp:
-    mtime_ns: int
-    ctime_ns: int
-    size: int
-    inode: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> _Stamp:
-        return cls(st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+# (mtime_ns, ctime_ns, size, inode): a tuple, compared on every poll of every file.
+_Stamp = tuple[int, int, int, int]
 
 
 @dataclass
@@ -125,13 +118,13 @@ class WatchedDirectory:
         self.directory = directory
         self.suffix = suffix
         self.max_bytes = max_bytes
-        self._stamps: dict[Path, _Stamp] = {}
-        self._contents: dict[Path, bytes | None] = {}
+        self._stamps: dict[str, _Stamp] = {}
+        self._contents: dict[str, bytes | None] = {}
 
     def scan(self) -> DirectoryChanges:
         """Look at the directory once; report and remember what changed."""
         changes = DirectoryChanges()
-        seen: set[Path] = set()
+        seen: set[str] = set()
         now = time.time_ns()
         try:
             with os.scandir(self.directory) as it:
@@ -142,35 +135,36 @@ class WatchedDirectory:
             entries = []
             changes.listing_error = exc
         for entry in entries:
-            path = Path(entry.path)
+            name = entry.name
             try:
                 st = entry.stat()
             except OSError:
                 continue  # vanished between listing and stat: it is removed
-            if not entry.is_file():
+            if not stat.S_ISREG(st.st_mode):
                 continue
-            seen.add(path)
-            stamp = _Stamp.of(st)
-            known = self._stamps.get(path)
-            if known == stamp and now - stamp.mtime_ns >= self.RACY_NS and path in self._contents:
+            seen.add(name)
+            stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+            known = self._stamps.get(name)
+            if known == stamp and now - st.st_mtime_ns >= self.RACY_NS and name in self._contents:
                 continue
+            path = self.directory / name
             content = self._read(path)
-            previous = self._contents.get(path, b"\0missing")
-            self._stamps[path] = stamp
+            previous = self._contents.get(name, b"\0missing")
+            self._stamps[name] = stamp
             if isinstance(content, bytes):
-                self._contents[path] = content
+                self._contents[name] = content
                 if content != previous:
                     changes.updated[path] = content
             else:
-                self._contents[path] = None
+                self._contents[name] = None
                 # A read error is reported again only when the file's stamp changes.
                 if known != stamp or previous is not None:
                     changes.updated[path] = content
-        for path in list(self._stamps):
-            if path not in seen:
-                del self._stamps[path]
-                self._contents.pop(path, None)
-                changes.removed.append(path)
+        for name in list(self._stamps):
+            if name not in seen:
+                del self._stamps[name]
+                self._contents.pop(name, None)
+                changes.removed.append(self.directory / name)
         return changes
 
     def _read(self, path: Path) -> bytes | OSError:
@@ -212,7 +206,8 @@ def _check_struct(shown: str, key: str, value: object) -> type[msgspec.Struct]:
     try:
         msgspec.structs.fields(value)  # resolves annotations now, not on the first request
     except Exception as exc:
-        raise PluginError(f"{shown}: META[{key!r}] has unresolvable field types ({_one_line(str(exc))})") from None
+        problem = _one_line(str(exc))
+        raise PluginError(f"{shown}: META[{key!r}] has unresolvable field types ({problem})") from None
     return value
 
 
@@ -239,9 +234,7 @@ def _check_execute(shown: str, value: object) -> tuple[Callable[..., Any], bool]
     params = list(sig.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     bad = [
-        p
-        for p in params
-        if p.kind is p.VAR_POSITIONAL or (p.kind is p.KEYWORD_ONLY and p.default is p.empty)
+        p for p in params if p.kind is p.VAR_POSITIONAL or (p.kind is p.KEYWORD_ONLY and p.default is p.empty)
     ]
     if len(positional) != 2 or bad:
         raise PluginError(f"{shown}: execute must take exactly two positional parameters (context, args)")
@@ -258,21 +251,22 @@ def _plugin_from_module(name: str, path: Path, module: types.ModuleType) -> Hand
         raise PluginError(f"{shown}: META must be a dict (see CONTRACT.md 'Handler plugins')")
     unknown = sorted(str(k) for k in meta if k not in _META_KEYS)
     if unknown:
-        raise PluginError(f"{shown}: META has unknown key(s) {', '.join(unknown)} (known: {', '.join(_META_KEYS)})")
+        known = ", ".join(_META_KEYS)
+        raise PluginError(f"{shown}: META has unknown key(s) {', '.join(unknown)} (known: {known})")
     if "requires_scope" not in meta or type(meta["requires_scope"]) is not bool:
         raise PluginError(f"{shown}: META['requires_scope'] must be a bool")
     modes = meta.get("supports_modes")
-    if (
-        not isinstance(modes, list | tuple)
-        or not modes
-        or not all(isinstance(m, str) and m for m in modes)
-    ):
+    if not isinstance(modes, list | tuple) or not modes or not all(isinstance(m, str) and m for m in modes):
         raise PluginError(f"{shown}: META['supports_modes'] must be a non-empty list of str")
     description = meta.get("description")
     if not isinstance(description, str):
         raise PluginError(f"{shown}: META['description'] must be a str")
-    grant_schema = _check_grant_schema(shown, meta["grant_schema"]) if "grant_schema" in meta else DefaultGrant
-    args_schema = _check_struct(shown, "args_schema", meta["args_schema"]) if "args_schema" in meta else None
+    grant_schema: type[msgspec.Struct] = DefaultGrant
+    if "grant_schema" in meta:
+        grant_schema = _check_grant_schema(shown, meta["grant_schema"])
+    args_schema = None
+    if "args_schema" in meta:
+        args_schema = _check_struct(shown, "args_schema", meta["args_schema"])
     raw_target = meta.get("target")
     target: Callable[[dict[str, Any]], str]
     if raw_target is None:
@@ -282,7 +276,7 @@ def _plugin_from_module(name: str, path: Path, module: types.ModuleType) -> Hand
     elif callable(raw_target):
         target = functools.partial(_callable_target, raw_target)
     else:
-        raise PluginError(f"{shown}: META['target'] must be an argument name (str) or a callable(args) -> str")
+        raise PluginError(f"{shown}: META['target'] must be an argument name (str) or callable(args) -> str")
     execute, is_async = _check_execute(shown, getattr(module, "execute", None))
     return HandlerPlugin(
         name=name,
@@ -344,7 +338,8 @@ def load_handlers(directory: Path) -> tuple[dict[str, HandlerPlugin], list[Plugi
         return plugins, [_missing_directory_error(directory)]
     changes = WatchedDirectory(directory, ".py", max_bytes=MAX_HANDLER_BYTES).scan()
     if changes.listing_error is not None:
-        errors.append(PluginError(f"{display_path(directory)}: cannot list ({changes.listing_error.strerror})"))
+        reason = changes.listing_error.strerror
+        errors.append(PluginError(f"{display_path(directory)}: cannot list ({reason})"))
     for path in sorted(changes.updated):
         if not _is_candidate(path):
             continue
@@ -385,6 +380,13 @@ class HandlerRegistry:
     def get(self, name: str) -> HandlerPlugin | None:
         """The loaded plugin named `name`, or None."""
         return self._plugins.get(name)
+
+    def error_for(self, name: str) -> PluginError | None:
+        """Why the handler file named `name` was refused, if it was."""
+        for path, error in self._file_errors.items():
+            if path.stem == name:
+                return error
+        return None
 
     def names(self) -> list[str]:
         """Sorted names of the loaded plugins."""

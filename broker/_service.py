@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import secrets
 import signal
 import time
@@ -63,6 +64,25 @@ def pack_account(pack_id: str) -> str:
     return account_name(pack_id)
 
 
+class _PeekId(msgspec.Struct):
+    """Only the request id, leniently: to address a refusal made before the strict decode."""
+
+    id: str = ""
+
+
+_PEEK_DECODER = msgspec.msgpack.Decoder(_PeekId)
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def peek_request_id(data: bytes) -> str:
+    """The request's id if it has a well-formed one, else ''. Never raises."""
+    try:
+        rid = _PEEK_DECODER.decode(data).id
+    except Exception:
+        return ""
+    return rid if _ID_RE.match(rid) else ""
+
+
 @dataclass
 class RequestRecord:
     """What the audit event of one request says; filled in as the request advances."""
@@ -73,6 +93,11 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     component_id: str = ""
     target: str = ""
+
+    @property
+    def reply_id(self) -> str:
+        """The id to answer with: the Pack's own, or '' when it sent none we could read."""
+        return "" if self.request_id.startswith("x-") else self.request_id
 
     def fields(self, decision: str, code: str, **extra: Any) -> dict[str, Any]:
         event: dict[str, Any] = {
@@ -192,12 +217,14 @@ class Broker:
         parts = msg.subject.split(".")
         pack_id = parts[2] if len(parts) == 5 else ""
         capability = parts[4] if len(parts) == 5 else ""
-        rec = RequestRecord(request_id="x-" + secrets.token_hex(12), pack_id=pack_id, capability=capability)
+        rec = RequestRecord(
+            request_id=peek_request_id(msg.data) or "x-" + secrets.token_hex(12), pack_id=pack_id, capability=capability
+        )
         try:
             self._check_identity(msg, pack_id, capability)
             if not self.buckets.take(pack_id):
                 await self._aggregator.add(rec.fields("deny", "rate_limited"))
-                return error_reply("", "rate_limited", "too many requests; slow down")
+                return error_reply(rec.reply_id, "rate_limited", "too many requests; slow down")
             if self.limiter.available_tokens < 1:
                 raise errors.Unavailable("broker is at capacity; retry shortly")
             async with self.limiter:
@@ -315,7 +342,7 @@ class Broker:
             )
         except errors.AuditError:
             log.error("audit unavailable while refusing request %s", rec.request_id)
-        return error_reply(rec.request_id if not rec.request_id.startswith("x-") else "", exc.code, exc.message)
+        return error_reply(rec.reply_id, exc.code, exc.message)
 
 
 async def run_broker(ws: Workspace, *, embedded: bool | None = None, port: int | None = None) -> None:

@@ -33,6 +33,9 @@ def _assemble() -> None:
         pass
     else:
         app.add_typer(audit_app, name="audit", help="Read, verify and export the audit stream.")
+    from . import _demo
+
+    _demo.register(app)
     try:
         from . import _runtime
     except ImportError:  # pragma: no cover

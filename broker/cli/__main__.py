@@ -1,0 +1,5 @@
+"""`python -m broker.cli` = `rumi`."""
+
+from . import main
+
+main()

@@ -12,7 +12,7 @@ from pathlib import Path
 from ._workspace import Workspace
 
 WORKSPACE_GITIGNORE = ".rumi/\npacks/\nsandbox/\ngrants/\n"
-DEMO_SECRET_KEY = "RUMI_DEMO_GREETING"
+DEMO_SECRET_KEY = "RUMI_DEMO_GREETING"  # noqa: S105 - a key name, not a secret
 
 
 def defaults() -> Traversable:

@@ -218,7 +218,9 @@ class Broker:
         pack_id = parts[2] if len(parts) == 5 else ""
         capability = parts[4] if len(parts) == 5 else ""
         rec = RequestRecord(
-            request_id=peek_request_id(msg.data) or "x-" + secrets.token_hex(12), pack_id=pack_id, capability=capability
+            request_id=peek_request_id(msg.data) or "x-" + secrets.token_hex(12),
+            pack_id=pack_id,
+            capability=capability,
         )
         try:
             self._check_identity(msg, pack_id, capability)
@@ -264,7 +266,9 @@ class Broker:
         rec.request_id = req.id
         rec.component_id = req.component_id
         if req.v != PROTOCOL_VERSION:
-            raise errors.InvalidRequest(f"unsupported protocol version {req.v}; this broker speaks {PROTOCOL_VERSION}")
+            raise errors.InvalidRequest(
+                f"unsupported protocol version {req.v}; this broker speaks {PROTOCOL_VERSION}"
+            )
         decision = self._policy.decide(rec.pack_id, req.component_id, rec.capability)
         plugin = decision.plugin
         if plugin.args_schema is not None:
@@ -320,7 +324,9 @@ class Broker:
         # Blocking handlers (file I/O, Docker) run off the event loop.
         return await anyio.to_thread.run_sync(plugin.execute, context, args, abandon_on_cancel=True)
 
-    async def _outcome(self, rec: RequestRecord, exc: errors.RequestError | None, extra: dict[str, Any]) -> None:
+    async def _outcome(
+        self, rec: RequestRecord, exc: errors.RequestError | None, extra: dict[str, Any]
+    ) -> None:
         assert self._audit is not None
         fields = rec.fields(
             "error" if exc else "allow",

@@ -38,7 +38,9 @@ class Context:
             Request(v=PROTOCOL_VERSION, id=request_id, component_id=self.component_id, args=args or {})
         )
         try:
-            msg = await self._nc.request(request_subject(self.pack_id, capability), payload, timeout=self.timeout)
+            msg = await self._nc.request(
+                request_subject(self.pack_id, capability), payload, timeout=self.timeout
+            )
         except NatsTimeout:
             raise BrokerError("timeout", f"no answer from the broker within {self.timeout:g} s") from None
         except NoRespondersError:
@@ -77,7 +79,11 @@ class Context:
         return value
 
     async def terminal(
-        self, argv: list[str], cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None
+        self,
+        argv: list[str],
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
     ) -> Any:
         """Run a granted command in a fresh sandbox; returns {"exit_code", "stdout", "stderr"}."""
         args: dict[str, Any] = {"argv": argv}

@@ -53,7 +53,7 @@ class Pack:
         self._nc: Client | None = None
         self.ready = anyio.Event()
 
-    def tool(self, name: str, *, type: str = "tool") -> Callable[[Tool], Tool]:  # noqa: A002
+    def tool(self, name: str, *, type: str = "tool") -> Callable[[Tool], Tool]:
         """Register an async function as the tool ``<pack_id>:<type>:<name>``."""
         if not _NAME_RE.match(name):
             raise ValueError(f"tool name {name!r} must match {_NAME_RE.pattern}")

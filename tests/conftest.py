@@ -74,7 +74,9 @@ async def connected_pack(ws: Workspace, pack_id: str = "default") -> AsyncIterat
     from broker._natsserver import nats_url
     from pack_runtime import Pack
 
-    pack = Pack(pack_id, nats_url=nats_url(ws), creds=str(pack_identity(ws, pack_id).seed_path), request_timeout=5)
+    pack = Pack(
+        pack_id, nats_url=nats_url(ws), creds=str(pack_identity(ws, pack_id).seed_path), request_timeout=5
+    )
     nc = await pack.connect()
     try:
         yield pack

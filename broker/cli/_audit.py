@@ -282,7 +282,10 @@ def creds_cmd(
         seed = ensure_identity(ws, "audit").seed_path
     except (NatsSetupError, AuditError) as exc:
         fail(str(exc))
-    example = f"nats --server {url} --nkey {seed} stream view {AUDIT_STREAM}"
+    from .._natsconf import inbox_prefix
+
+    inbox = inbox_prefix("audit")
+    example = f"nats --server {url} --nkey {seed} --inbox-prefix {inbox} stream view {AUDIT_STREAM}"
     if as_json:
         info = {
             "url": url,
@@ -290,6 +293,7 @@ def creds_cmd(
             "subjects": AUDIT_SUBJECTS,
             "user": "audit",
             "seed_file": str(seed),
+            "inbox_prefix": inbox,
             "example": example,
         }
         typer.echo(json.dumps(info, indent=2))
@@ -297,6 +301,7 @@ def creds_cmd(
     typer.echo(f"NATS URL:     {url}")
     typer.echo(f"stream:       {AUDIT_STREAM} (subjects {AUDIT_SUBJECTS}, one JSON event per message)")
     typer.echo(f"credentials:  {seed}  (nkey seed of the read-only `audit` user; keep it private)")
+    typer.echo(f"inbox prefix: {inbox}  (clients must use it: the audit user may only receive there)")
     typer.echo(f"example:      {example}")
     typer.echo(
         "The `audit` user may only create consumers on the stream and read them: it cannot publish, "

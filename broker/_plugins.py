@@ -49,7 +49,15 @@ __all__ = [
 
 HANDLER_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 MAX_HANDLER_BYTES = 1024 * 1024
-_META_KEYS = ("requires_scope", "supports_modes", "description", "grant_schema", "args_schema", "target")
+_META_KEYS = (
+    "requires_scope",
+    "supports_modes",
+    "description",
+    "grant_schema",
+    "args_schema",
+    "target",
+    "continuation",
+)
 # Unique module names: a reloaded plugin never replaces the module an in-flight request still uses.
 _module_counter = itertools.count(1)
 
@@ -74,6 +82,8 @@ class HandlerPlugin:
     execute: Callable[..., Any]
     is_async: bool
     path: Path
+    # callable(args) -> bool: the request continues a session opened by an audited request
+    continuation: Callable[[dict[str, Any]], bool] | None = None
 
 
 def display_path(path: Path) -> str:
@@ -277,6 +287,9 @@ def _plugin_from_module(name: str, path: Path, module: types.ModuleType) -> Hand
         target = functools.partial(_callable_target, raw_target)
     else:
         raise PluginError(f"{shown}: META['target'] must be an argument name (str) or callable(args) -> str")
+    continuation = meta.get("continuation")
+    if continuation is not None and not callable(continuation):
+        raise PluginError(f"{shown}: META['continuation'] must be callable(args) -> bool")
     execute, is_async = _check_execute(shown, getattr(module, "execute", None))
     return HandlerPlugin(
         name=name,
@@ -289,6 +302,7 @@ def _plugin_from_module(name: str, path: Path, module: types.ModuleType) -> Hand
         execute=execute,
         is_async=is_async,
         path=path,
+        continuation=continuation,
     )
 
 

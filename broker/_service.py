@@ -131,6 +131,7 @@ class Broker:
         self._policy: Policy | None = None
         self._audit: AuditWriter | None = None
         self._aggregator: Any = None
+        self._max_reply = 1024 * 1024
         self.stopping = anyio.Event()
 
     @property
@@ -155,6 +156,7 @@ class Broker:
         self._policy = Policy(self.ws, registry, grants)
         nc = await connect(self.ws, "broker", name="rumi-broker")
         self._nc = nc
+        self._max_reply = int(getattr(nc, "max_payload", 0) or 1024 * 1024)
         self._audit = AuditWriter(nc.jetstream(), AuditChain())
         self._aggregator = RateLimitAggregator(self._audit)
         sub = await nc.subscribe(REQUEST_WILDCARD, queue=BROKER_QUEUE, pending_msgs_limit=65536)
@@ -280,13 +282,23 @@ class Broker:
             rec.target = str(plugin.target(dict(req.args)))[:MAX_TARGET]
         except Exception:
             rec.target = ""
-        # Write-ahead: the allow decision is stored before anything happens.
-        try:
-            await self._audit.record(rec.fields("allow", "ok", phase="decision"), msg_id=rec.request_id)
-        except errors.AuditError:
-            log.error("audit unavailable: refusing %s %s", rec.pack_id, rec.capability)
-            return error_reply(rec.request_id, "unavailable", "audit log unavailable; request refused")
+        # A continuation (e.g. data on a tunnel) belongs to a session whose opening request was
+        # audited; the grant is still checked above on every one, so revocation ends it.
+        continuation = plugin.continuation is not None and bool(plugin.continuation(dict(req.args)))
+        if not continuation:
+            # Write-ahead: the allow decision is stored before anything happens.
+            try:
+                await self._audit.record(rec.fields("allow", "ok", phase="decision"), msg_id=rec.request_id)
+            except errors.AuditError:
+                log.error("audit unavailable: refusing %s %s", rec.pack_id, rec.capability)
+                return error_reply(rec.request_id, "unavailable", "audit log unavailable; request refused")
         audit_extra: dict[str, Any] = {}
+
+        async def record_outcome(request_id: str, target: str, fields: dict[str, Any]) -> None:
+            """Let a handler complete a session's audit later (tunnel closed, idle timeout)."""
+            later = RequestRecord(request_id=request_id, pack_id=rec.pack_id, capability=rec.capability)
+            later.component_id, later.target = rec.component_id, target
+            await self._outcome(later, None, fields)
         context = {
             "pack_id": rec.pack_id,
             "component_id": rec.component_id,
@@ -296,6 +308,7 @@ class Broker:
             "protected": decision.protected,
             "workspace_root": str(self.ws.root),
             "audit": audit_extra,
+            "record_outcome": record_outcome,
         }
         try:
             with anyio.fail_after(self.cfg.broker.request_timeout):
@@ -316,7 +329,11 @@ class Broker:
             return error_reply(rec.request_id, safe.code, safe.message)
         if audit_extra:
             await self._outcome(rec, None, audit_extra)
-        return ok_reply(rec.request_id, data)
+        payload = ok_reply(rec.request_id, data)
+        if len(payload) > self._max_reply:
+            # The server would drop an oversized reply and the Pack would only see a timeout.
+            return error_reply(rec.request_id, "too_large", "the result is larger than the NATS payload limit")
+        return payload
 
     async def _execute(self, plugin: Any, context: dict[str, Any], args: dict[str, Any]) -> Any:
         if plugin.is_async:

@@ -14,7 +14,7 @@ from ._errors import WorkspaceError
 class AccountLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Per-Pack NATS account limits (NATS has no rate limit: rates are the broker's job)."""
 
-    max_payload: int = 1024 * 1024
+    max_payload: int = 8 * 1024 * 1024  # replies carry file and HTTP bodies up to the scopes' 7 MiB caps
     max_connections: int = 4
     max_subscriptions: int = 64
 

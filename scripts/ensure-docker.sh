@@ -53,13 +53,11 @@ if ! command -v dockerd >/dev/null 2>&1; then
         || fail "apt-get install docker.io failed: run 'apt-get update && apt-get install -y docker.io' and read its error"
 fi
 
-# A dockerd we started earlier may still be coming up: wait for it instead of starting a second one.
-if [ -s "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
-    say "dockerd (pid $(cat "$PID_FILE")) is already running; waiting for it"
-elif pgrep -x dockerd >/dev/null 2>&1; then
-    say "a dockerd process runs already (pid $(pgrep -x dockerd | head -n1)); waiting for it"
+# A dockerd already starting (ours from an earlier run, or anyone's): wait for it, never start a second.
+if pid="$(pgrep -x dockerd | head -n1)" && [ -n "$pid" ]; then
+    say "dockerd (pid $pid) is already running; waiting for it to answer"
 else
-    say "starting dockerd in the background (log $LOG_FILE)"
+    say "starting dockerd in the background (log $LOG_FILE, pidfile $PID_FILE)"
     # setsid: the engine must outlive this shell and the session that ran it.
     setsid /usr/sbin/dockerd --pidfile "$PID_FILE" >>"$LOG_FILE" 2>&1 < /dev/null &
 fi

@@ -80,7 +80,7 @@ def test_meta_and_scope(name: str, target: str) -> None:
     sc = scope(name)
     assert sc["version"] == "1.0" and sc["description"] and isinstance(sc["default_config"], dict)
     if name != "env_read":
-        assert sc["default_config"] == {"max_bytes": 10485760}
+        assert sc["default_config"] == {"max_bytes": 7340032}
 
 
 @pytest.mark.parametrize(

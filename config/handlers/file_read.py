@@ -39,7 +39,7 @@ META: dict[str, Any] = {
 
 
 def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-    """Return the file's content as bytes, at most `max_bytes` (scope default 10 MiB)."""
+    """Return the file's content as bytes, at most `max_bytes` (scope default 7 MiB, below the NATS payload limit)."""
     max_bytes = int(context["grant"].get("max_bytes", DEFAULT_MAX_BYTES))
     data = read_beneath(context, args["path"], max_bytes)
     audit = context.get("audit")

@@ -28,6 +28,28 @@ engine_answers() {
     return 1
 }
 
+# Debian's docker-compose 1.29 (the seed's workflow, tested) and iptables (the host guard).
+ensure_tools() {
+    local missing=()
+    command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" != "0" ] || [ ! -r /etc/debian_version ]; then
+        say "note: ${missing[*]} not installed (needed for the Compose workflow / host guard)"
+        return 0
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-cache show "${missing[0]}" >/dev/null 2>&1; then
+        say "apt-get update"
+        apt-get -y -o DPkg::Lock::Timeout=300 update -qq
+    fi
+    say "installing ${missing[*]} with apt-get"
+    apt-get -y -o DPkg::Lock::Timeout=300 install -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || fail "apt-get install ${missing[*]} failed: run 'apt-get update && apt-get install -y ${missing[*]}'"
+}
+
+ensure_tools
+
 if engine_answers; then
     say "a Docker engine answers; using it"
     exit 0

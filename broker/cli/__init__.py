@@ -33,8 +33,9 @@ def _assemble() -> None:
         pass
     else:
         app.add_typer(audit_app, name="audit", help="Read, verify and export the audit stream.")
-    from . import _demo
+    from . import _build, _demo
 
+    _build.register(app)
     _demo.register(app)
     try:
         from . import _runtime

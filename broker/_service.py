@@ -304,7 +304,7 @@ class Broker:
             "component_id": rec.component_id,
             "request_id": rec.request_id,
             "grant": decision.grant,
-            "limits": {"timeout": self.cfg.broker.request_timeout},
+            "limits": {"timeout": self.cfg.broker.request_timeout, "max_reply_bytes": self._max_reply - 1024},
             "protected": decision.protected,
             "workspace_root": str(self.ws.root),
             "audit": audit_extra,

@@ -105,6 +105,12 @@ class Pack:
         ready_file = os.environ.get("RUMI_READY_FILE")
         try:
             async with anyio.create_task_group() as tg:
+                proxy_listen = os.environ.get("RUMI_PROXY_LISTEN")
+                if proxy_listen:
+                    # Unmodified HTTP clients (HTTPS_PROXY) reach the network through the broker.
+                    from ._proxy import serve_proxy
+
+                    await tg.start(serve_proxy, self.context(), proxy_listen)
                 if ready_file:
                     Path(ready_file).write_text("ready\n")
                 self.ready.set()

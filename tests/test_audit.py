@@ -435,7 +435,7 @@ def test_record_times_out_when_the_server_stalls(server: NatsProcess) -> None:
             started = time.monotonic()
             with pytest.raises(AuditError, match="no acknowledgement"):
                 await writer.record(fields(1), msg_id="r1")
-            assert time.monotonic() - started < 3  # two attempts of 0.5 s, plus a short pause
+            assert time.monotonic() - started < 10  # two attempts of 0.5 s; generous for a loaded machine
             assert chain.seq == 0  # rotated: the next event starts a new chain
         finally:
             os.kill(server.proc.pid, signal.SIGCONT)

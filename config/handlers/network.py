@@ -253,8 +253,12 @@ async def _continue(context: dict[str, Any], call: NetworkArgs, policy: _egress.
     if call.op == "recv":
         if call.max_bytes < 1:
             raise InvalidRequest("max_bytes must be at least 1")
+        max_bytes = call.max_bytes
+        reply_cap = (context.get("limits") or {}).get("max_reply_bytes")
+        if isinstance(reply_cap, int) and reply_cap > 0:
+            max_bytes = min(max_bytes, max(1, reply_cap - 256))  # data plus the reply's few fields
         # Answer well inside the broker's own deadline, so a long-poll never turns into a timeout.
         wait = max(0.0, min(call.wait, _tunnel.MAX_WAIT_SECONDS, limits.timeout - 2.0))
-        return {"success": True, "data": await table.recv(tunnel, call.max_bytes, wait)}
+        return {"success": True, "data": await table.recv(tunnel, max_bytes, wait)}
     await table.close(tunnel, "closed")
     return {"success": True, "data": {}}

@@ -170,7 +170,12 @@ class Broker:
                     tg.start_soon(self._stop_reading, sub, requests)
                     async for msg in sub.messages:
                         requests.start_soon(self._handle, msg)
-                # All in-flight requests are done (drained); stop the helpers.
+                # All in-flight requests are done (drained): end open tunnels (their outcome
+                # events are written now, not lost), then stop the helpers.
+                from ._tunnel import tunnel_table
+
+                with anyio.move_on_after(5, shield=True):
+                    await tunnel_table().close_all("broker_stopping")
                 await self._aggregator.flush()
                 tg.cancel_scope.cancel()
         finally:
@@ -309,6 +314,8 @@ class Broker:
             "workspace_root": str(self.ws.root),
             "audit": audit_extra,
             "record_outcome": record_outcome,
+            # Long-lived sessions re-check their grant: revocation ends them, not only new requests.
+            "current_grant": lambda: self._policy_decide(rec.pack_id, rec.component_id, rec.capability).grant,
         }
         try:
             with anyio.fail_after(self.cfg.broker.request_timeout):
@@ -334,6 +341,10 @@ class Broker:
             # The server would drop an oversized reply and the Pack would only see a timeout.
             return error_reply(rec.request_id, "too_large", "the result is larger than the NATS payload limit")
         return payload
+
+    def _policy_decide(self, pack_id: str, component_id: str, capability: str) -> Any:
+        assert self._policy is not None
+        return self._policy.decide(pack_id, component_id, capability)
 
     async def _execute(self, plugin: Any, context: dict[str, Any], args: dict[str, Any]) -> Any:
         if plugin.is_async:

@@ -20,7 +20,7 @@ class AccountLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    max_in_flight: int = 64
+    max_in_flight: int = 256  # tunnel long-polls hold a slot while they wait
     rate_per_second: float = 200.0
     burst: int = 400
     request_timeout: float = 30.0

@@ -76,6 +76,7 @@ def _example_grant(ws: Workspace, written: list[Path]) -> None:
                         "file_read": {"enabled": True, "directories": [str(sandbox)]},
                         "file_write": {"enabled": True, "directories": [str(sandbox)]},
                         "env_read": {"enabled": True, "allowed_keys": [DEMO_SECRET_KEY]},
+                        "terminal": {"enabled": True, "directories": [str(sandbox)]},
                     },
                 },
                 indent=2,

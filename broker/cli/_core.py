@@ -159,11 +159,34 @@ def dev_environment(ws: Workspace, pack_id: str) -> dict[str, str]:
         "RUMI_NATS_CREDS": str(identity.seed_path),
         "RUMI_SANDBOX": str(sandbox),
         "PYTHONUNBUFFERED": "1",
+        **proxy_environment(f"127.0.0.1:{_free_port()}"),
     }
     for key in ("PATH", "LANG", "HOME", "VIRTUAL_ENV", "PYTHONPATH"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
+
+
+def proxy_environment(listen: str) -> dict[str, str]:
+    """Variables that send unmodified HTTP clients through the SDK's proxy (and so the broker)."""
+    url = f"http://{listen}"
+    return {
+        "RUMI_PROXY_LISTEN": listen,
+        "HTTP_PROXY": url,
+        "HTTPS_PROXY": url,
+        "http_proxy": url,
+        "https_proxy": url,
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def call_tool(

@@ -579,6 +579,11 @@ def _write(root_fd: int, dir_part: str, name: str, data: bytes, protected: Prote
         try:
             try:
                 os.fchmod(fd, mode)
+                if os.geteuid() == 0:
+                    # A root broker writes as the directory's owner, so the Pack (whose sandbox it
+                    # is) can change its own files; setuid/setgid bits never come along (mode & 0o777).
+                    owner = os.fstat(parent)
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
                 view = memoryview(data)
                 written = 0
                 while written < len(view):

@@ -492,3 +492,15 @@ def test_missing_protected_set_fails_closed(tree: dict[str, Path]) -> None:
     del context["protected"]
     with pytest.raises(HandlerFailed):
         read_beneath(context, f"{tree['grant']}/inside.txt", 1000)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root (the broker runs as root in Docker mode)")
+def test_written_files_belong_to_the_directory_owner(tmp_path: Path) -> None:
+    """A Pack can change the files the broker wrote into its sandbox (owned by the Pack's uid)."""
+    grant = tmp_path / "sandbox"
+    grant.mkdir()
+    os.chown(grant, 23456, 23456)
+    write_beneath(ctx([str(grant)]), f"{grant}/out.txt", b"x", 100)
+    st = (grant / "out.txt").stat()
+    assert (st.st_uid, st.st_gid) == (23456, 23456)
+    assert st.st_mode & 0o7000 == 0

@@ -150,7 +150,15 @@ def dev_environment(ws: Workspace, pack_id: str) -> dict[str, str]:
     from .._natsserver import nats_url, reload_running
 
     identity = pack_identity(ws, pack_id)
-    reload_running(ws, ws.pack_ids())
+    if (ws.state / "docker.json").exists():
+        # `rumi up` runs NATS in a container: its config (listen address, port) is the runtime's.
+        from .._docker_runtime import DockerRuntime
+
+        runtime = DockerRuntime(ws)
+        if runtime.write_nats_config(ws.pack_ids()):
+            runtime.reload_nats()
+    else:
+        reload_running(ws, ws.pack_ids())
     sandbox = ws.pack_sandbox(pack_id)
     sandbox.mkdir(parents=True, exist_ok=True)
     env = {

@@ -332,7 +332,7 @@ def _runtime_nats_settings(runtime: DockerRuntime, image: str, host_port: int) -
 
     The runtime makes the JetStream directory (owned by the nats uid) while building them.
     """
-    settings: dict[str, Any] = runtime._nats_settings(image, host_port)
+    settings: dict[str, Any] = runtime.nats_settings(image, host_port)
     return settings
 
 
@@ -493,6 +493,7 @@ def write_compose(
     stage_base_context(ws, libc=libc, cache_dir=cache_dir, progress=progress)
     progress("nats: writing docker/.rumi/nats/nats.conf for the container")
     runtime.write_nats_config(sorted(set(ws.pack_ids()) | set(packs)))
+    runtime.prepare_jetstream_dir()  # the container's nats-server (uid 65534) must own its store
     target = compose_file(ws)
     _write_atomic(target, text)
     return target

@@ -727,7 +727,7 @@ class DockerRuntime:
         os.chmod(config_path(self.ws), 0o644)
         return old != text
 
-    def _prepare_jetstream_dir(self) -> Path:
+    def prepare_jetstream_dir(self) -> Path:
         from ._natsconf import jetstream_dir
 
         store = jetstream_dir(self.ws)
@@ -740,7 +740,7 @@ class DockerRuntime:
         os.chmod(store, 0o700)
         return store
 
-    def _nats_settings(self, image: str, host_port: int) -> dict[str, Any]:
+    def nats_settings(self, image: str, host_port: int) -> dict[str, Any]:
         """Docker SDK kwargs of the NATS container (no side effects; `ensure_nats` prepares the dirs)."""
         from ._natsconf import config_dir, config_path, jetstream_dir
 
@@ -785,8 +785,8 @@ class DockerRuntime:
 
         host_port = self.nats_host_port()
         changed = self.write_nats_config(pack_ids)
-        self._prepare_jetstream_dir()
-        settings = self._nats_settings(image, host_port)
+        self.prepare_jetstream_dir()
+        settings = self.nats_settings(image, host_port)
         settings["labels"] = {**settings["labels"], LABEL_CONFIG_HASH: self._settings_hash(settings)}
         container = self._nats_container()
         if container is not None and (

@@ -24,6 +24,7 @@ CREDS_MOUNT = "/run/rumi"
 READY_FILE = "/tmp/rumi-ready"
 PACK_UID_BASE = 20000
 NATS_CONTAINER_PORT = 4222
+PROXY_LISTEN = "127.0.0.1:3128"
 
 
 def workspace_tag(ws: Workspace) -> str:
@@ -111,6 +112,14 @@ def pack_container_settings(spec: PackSpec) -> dict[str, Any]:
         "HOME": "/tmp",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
+        # Unmodified HTTP clients go through the SDK's proxy, i.e. through the broker.
+        "RUMI_PROXY_LISTEN": PROXY_LISTEN,
+        "HTTP_PROXY": f"http://{PROXY_LISTEN}",
+        "HTTPS_PROXY": f"http://{PROXY_LISTEN}",
+        "http_proxy": f"http://{PROXY_LISTEN}",
+        "https_proxy": f"http://{PROXY_LISTEN}",
+        "NO_PROXY": "",
+        "no_proxy": "",
         **spec.extra_env,
     }
     return {

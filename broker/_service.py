@@ -356,8 +356,10 @@ class Broker:
         self, rec: RequestRecord, exc: errors.RequestError | None, extra: dict[str, Any]
     ) -> None:
         assert self._audit is not None
+        # A handler that refuses (path outside the grant, key not granted) denied the request.
+        decision = "allow" if exc is None else "deny" if exc.code == "permission_denied" else "error"
         fields = rec.fields(
-            "error" if exc else "allow",
+            decision,
             exc.code if exc else "ok",
             phase="outcome",
             message=exc.message if exc else None,

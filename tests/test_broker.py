@@ -93,7 +93,7 @@ async def test_allowed_and_denied_requests_are_answered_and_audited(
         ("file_read", "deny", "permission_denied"),
         ("file_read", "deny", "permission_denied"),
     ]
-    outcomes = [e for e in events if e.get("phase") == "outcome" and e["decision"] == "error"]
+    outcomes = [e for e in events if e.get("phase") == "outcome" and e["decision"] == "deny"]
     assert sorted((e["capability"], e["code"]) for e in outcomes) == [
         ("env_read", "permission_denied"),
         ("file_read", "permission_denied"),

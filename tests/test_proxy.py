@@ -192,7 +192,7 @@ async def test_ungranted_port_is_403_and_the_denial_is_audited(
     assert refused.connections == 0
     denials = [e for e in events if e["phase"] == "outcome"]
     assert len(denials) == 6
-    assert all(e["decision"] == "error" and e["code"] == "permission_denied" for e in denials)
+    assert all(e["decision"] == "deny" and e["code"] == "permission_denied" for e in denials)
     assert {e["target"] for e in denials} == {f"127.0.0.1:{refused.port}"}
 
 
@@ -216,7 +216,7 @@ async def test_sni_mismatch_is_refused_and_the_server_sees_no_handshake(
     assert tls.sni == [None] and len(tls.requests) == 1  # only the IP-literal handshake reached it
     closes = sorted(e["extra"]["reason"] for e in events if e["phase"] == "outcome" and e["decision"] == "allow")
     assert closes[-1] == "sni_mismatch" and len(closes) == 2
-    refusal = [e for e in events if e["decision"] == "error"]
+    refusal = [e for e in events if e["phase"] == "outcome" and e["decision"] == "deny"]
     assert [e["code"] for e in refusal] == ["permission_denied"]
 
 
@@ -377,7 +377,7 @@ async def scenario_names_through_the_proxy(payload: dict[str, Any]) -> dict[str,
                 events = await network_events(ws, 12)
                 out["reasons"] = sorted(e["extra"]["reason"] for e in events
                                         if e["phase"] == "outcome" and e["decision"] == "allow")
-                out["errors"] = sorted(e["code"] for e in events if e["decision"] == "error")
+                out["errors"] = sorted(e["code"] for e in events if e["phase"] == "outcome" and e["decision"] in ("deny", "error"))
             await anyio.sleep(0.3)
         finally:
             nats.stop()

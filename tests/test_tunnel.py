@@ -511,7 +511,7 @@ async def test_sni_mismatch_is_refused_before_the_server_sees_a_handshake(
     closes = [e for e in events if e["phase"] == "outcome" and e["decision"] == "allow"]
     assert len(closes) == 1 and closes[0]["extra"]["reason"] == "sni_mismatch"
     assert closes[0]["extra"]["bytes_up"] == 0
-    errors = [e for e in events if e["decision"] == "error"]
+    errors = [e for e in events if e["decision"] == "deny" and e["phase"] == "outcome"]
     assert errors[0]["code"] == "permission_denied"
 
 

@@ -14,7 +14,7 @@ from .._workspace import Workspace
 from ._common import RootOption, fail, workspace
 
 PrefixOption = Annotated[
-    str, typer.Option("--prefix", help="Image name prefix: images are <prefix>-nats, <prefix>-base, ...")
+    str, typer.Option("--prefix", envvar="RUMI_IMAGE_PREFIX", help="Image name prefix: images are <prefix>-nats, <prefix>-base, ...")
 ]
 PacksArgument = Annotated[
     list[str] | None, typer.Argument(help="Packs (directories under ecosystem/); default: all of them.")

@@ -1,0 +1,88 @@
+"""Built-in handler env_read: return the value of one granted key.
+
+Values come from the workspace's secrets file `docker/.rumi/secrets.env` (KEY=VALUE lines; a key
+set there wins) or else from the broker's environment. Only keys listed exactly in the grant's
+`allowed_keys` are served. The value never reaches the audit record, a log or an error message.
+"""
+
+# No `from __future__ import annotations`: msgspec must see real types even when the
+# broker loads this file without registering it in sys.modules.
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from broker._errors import Denied, HandlerFailed
+
+SECRETS_FILE = ("docker", ".rumi", "secrets.env")
+
+
+class EnvReadArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Request args: the name of the key."""
+
+    key: str
+
+
+class EnvReadGrant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Grant entry: the exact key names the component may read (no wildcards)."""
+
+    enabled: bool = False
+    allowed_keys: list[str] = []
+
+
+META: dict[str, Any] = {
+    "requires_scope": True,
+    "supports_modes": ["sandbox"],
+    "description": "Read a granted key from the broker's secrets file or environment.",
+    "grant_schema": EnvReadGrant,
+    "args_schema": EnvReadArgs,
+    "target": "key",
+}
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def _from_secrets_file(workspace_root: str, key: str) -> str | None:
+    """The value of `key` in the secrets file, or None when the file or the key is absent."""
+    path = Path(workspace_root, *SECRETS_FILE)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        # Say nothing about the content: it holds secrets.
+        raise HandlerFailed("the broker's secrets file cannot be read") from None
+    found: str | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or "=" not in stripped:
+            continue
+        name, _, value = stripped.partition("=")
+        name = name.strip()
+        if name.startswith("export "):
+            name = name[len("export ") :].strip()
+        if name == key:
+            found = _unquote(value.strip())  # the last assignment wins, as in a shell
+    return found
+
+
+def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    """Return the value of `args["key"]` if the grant lists it exactly."""
+    key = args["key"]
+    allowed = context["grant"].get("allowed_keys") or []
+    if not isinstance(key, str) or not key or not isinstance(allowed, list) or key not in allowed:
+        raise Denied("key is not granted")
+    value: str | None = None
+    root = context.get("workspace_root")
+    if isinstance(root, str) and root:
+        value = _from_secrets_file(root, key)
+    if value is None:
+        value = os.environ.get(key)
+    if value is None:
+        raise HandlerFailed("key is not set")
+    return {"success": True, "data": value}

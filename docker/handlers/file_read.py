@@ -1,0 +1,48 @@
+"""Built-in handler file_read: read a file inside a granted directory.
+
+Resolution is the kernel's (openat2 beneath the grant, see broker._fs): symlinks may not leave the
+grant, magic links are refused, protected workspace paths are refused by device and inode.
+"""
+
+# No `from __future__ import annotations`: msgspec must see real types even when the
+# broker loads this file without registering it in sys.modules.
+from typing import Annotated, Any
+
+import msgspec
+
+from broker._fs import read_beneath
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+
+
+class FileReadArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Request args: the absolute path to read."""
+
+    path: str
+
+
+class FileReadGrant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Grant entry: absolute directories the component may read beneath."""
+
+    enabled: bool = False
+    directories: list[Annotated[str, msgspec.Meta(pattern="^/")]] = []
+
+
+META: dict[str, Any] = {
+    "requires_scope": True,
+    "supports_modes": ["sandbox"],
+    "description": "Read a file inside a granted directory (returns its bytes).",
+    "grant_schema": FileReadGrant,
+    "args_schema": FileReadArgs,
+    "target": "path",
+}
+
+
+def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    """Return the file's content as bytes, at most `max_bytes` (scope default 7 MiB, below the NATS payload limit)."""
+    max_bytes = int(context["grant"].get("max_bytes", DEFAULT_MAX_BYTES))
+    data = read_beneath(context, args["path"], max_bytes)
+    audit = context.get("audit")
+    if isinstance(audit, dict):
+        audit["bytes"] = len(data)
+    return {"success": True, "data": data}

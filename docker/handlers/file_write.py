@@ -1,0 +1,49 @@
+"""Built-in handler file_write: atomically write a file inside a granted directory.
+
+The new content goes to a temp file beside the target, is fsynced and renamed over it
+(see broker._fs.write_beneath): never half-written, a symlink at the target is replaced, not followed.
+"""
+
+# No `from __future__ import annotations`: msgspec must see real types even when the
+# broker loads this file without registering it in sys.modules.
+from typing import Annotated, Any
+
+import msgspec
+
+from broker._fs import write_beneath
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+
+
+class FileWriteArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Request args: the absolute path and the bytes to write (msgpack bin)."""
+
+    path: str
+    data: bytes
+
+
+class FileWriteGrant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Grant entry: absolute directories the component may write beneath."""
+
+    enabled: bool = False
+    directories: list[Annotated[str, msgspec.Meta(pattern="^/")]] = []
+
+
+META: dict[str, Any] = {
+    "requires_scope": True,
+    "supports_modes": ["sandbox"],
+    "description": "Write a file inside a granted directory (atomic replace).",
+    "grant_schema": FileWriteGrant,
+    "args_schema": FileWriteArgs,
+    "target": "path",
+}
+
+
+def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    """Write `data` to `path`; return {"bytes_written": n}."""
+    max_bytes = int(context["grant"].get("max_bytes", DEFAULT_MAX_BYTES))
+    written = write_beneath(context, args["path"], args["data"], max_bytes)
+    audit = context.get("audit")
+    if isinstance(audit, dict):
+        audit["bytes"] = written
+    return {"success": True, "data": {"bytes_written": written}}

@@ -1,0 +1,264 @@
+"""Built-in handler network: the broker performs one HTTP(S) request, or carries a TCP tunnel, for the Pack.
+
+Only hosts in the grant's `allowed_domains` (names, `*.suffix`, `*`, IP literals, CIDRs) and ports
+in `allowed_ports` are reached. The broker resolves names itself, refuses loopback, private,
+link-local, metadata and other special addresses unless an IP/CIDR entry names them, and connects
+to exactly the address it checked. Redirects are followed by hand and checked again at every hop.
+Fetches live in `broker._egress`, tunnels in `broker._tunnel`; see docs/network.md.
+
+Ops (`op`, default "fetch"):
+
+- `fetch {method, url, headers = {}, body = b"", follow_redirects = True}` →
+  `{"status": int, "headers": [[name, value], ...], "body": bytes}` (headers as received, in order,
+  repeated names kept; the body as sent by the server, not decompressed).
+- `open {host, port}` → `{"tunnel": id}`: same grant and address rules as a fetch; one resolution,
+  then TCP to the vetted address. Audited like any request; its outcome event is written when the
+  tunnel closes, with bytes each way, duration and reason.
+- `send {tunnel, data, eof = False}` → `{"held": n, "closed": bool}`; `recv {tunnel, max_bytes, wait}`
+  → `{"data": bytes, "eof": bool, "closed": bool}` (long-poll up to `wait` s; `closed`: the broker
+  has closed the tunnel, no `close` needed); `close {tunnel}` → `{}`. These continue
+  an audited `open` and are not audited one by one (errors still are); the grant is checked on each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import msgspec
+
+from broker import _egress, _tunnel
+from broker._errors import Denied, HandlerFailed, InvalidRequest
+
+OPS = ("fetch", "open", "send", "recv", "close")
+CONTINUATIONS = frozenset({"send", "recv", "close"})
+# Which keys each op takes; any other key is a mistake worth a clear error.
+_OP_FIELDS = {
+    "fetch": frozenset({"op", "method", "url", "headers", "body", "follow_redirects"}),
+    "open": frozenset({"op", "host", "port"}),
+    "send": frozenset({"op", "tunnel", "data", "eof"}),
+    "recv": frozenset({"op", "tunnel", "max_bytes", "wait"}),
+    "close": frozenset({"op", "tunnel"}),
+}
+_REQUIRED = {"fetch": ("method", "url"), "open": ("host", "port"), "send": ("tunnel",),
+             "recv": ("tunnel",), "close": ("tunnel",)}
+
+
+class NetworkArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Request args of every op (a plain Struct: the broker validates it; `execute` checks combinations)."""
+
+    op: str = "fetch"
+    method: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = {}
+    body: bytes = b""
+    follow_redirects: bool = True
+    host: str | None = None
+    port: int | None = None
+    tunnel: str | None = None
+    data: bytes = b""
+    eof: bool = False
+    max_bytes: int = _tunnel.MAX_CHUNK_BYTES
+    wait: float = 0.0
+
+
+class NetworkGrant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Grant entry; the limits default to the scope's `default_config`."""
+
+    enabled: bool = False
+    allowed_domains: list[str] = []
+    allowed_ports: list[int] = []
+    max_request_bytes: int | None = None
+    max_response_bytes: int | None = None
+    timeout: float | None = None
+    max_redirects: int | None = None
+    tunnel_idle_timeout: float | None = None
+    max_tunnels: int | None = None
+    max_tunnel_bytes: int | None = None
+    max_tunnel_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        # Typing the entries here turns a bad entry into a grant-file error at load time.
+        _egress.EgressPolicy.from_grant(self.allowed_domains, self.allowed_ports)
+        grant = msgspec.structs.asdict(self)
+        _limits(grant, {})
+        _tunnel.TunnelLimits.from_grant(grant)
+
+
+def _target(args: dict[str, Any]) -> str:
+    op = args.get("op", "fetch")
+    if op == "fetch":
+        return _egress.url_target(args.get("url"))
+    if op == "open":
+        return _tunnel.open_target(args.get("host"), args.get("port"))
+    tunnel = args.get("tunnel")
+    if isinstance(tunnel, str) and _tunnel.TUNNEL_ID_RE.match(tunnel):
+        return f"tunnel {tunnel}"
+    return "tunnel"
+
+
+def _continuation(args: dict[str, Any]) -> bool:
+    # Data on an open tunnel: the `open` was audited; the broker still checks the grant every time.
+    return args.get("op") in CONTINUATIONS
+
+
+META: dict[str, Any] = {
+    "requires_scope": True,
+    "supports_modes": ["sandbox"],
+    "description": "HTTP(S) request or TCP tunnel by the broker to a granted host and port; no private "
+                   "addresses unless granted by IP/CIDR, no DNS rebinding, redirects checked, TLS "
+                   "server name checked on tunnels.",
+    "grant_schema": NetworkGrant,
+    "args_schema": NetworkArgs,
+    "target": _target,
+    "continuation": _continuation,
+}
+
+
+def _limits(grant: dict[str, Any], limits: dict[str, Any]) -> _egress.EgressLimits:
+    """Grant (over scope) values, else built-in defaults; never longer than the broker's own timeout."""
+    base = _egress.EgressLimits()
+    configured = grant.get("timeout")
+    timeout = base.timeout if configured is None else float(configured)
+    broker_timeout = limits.get("timeout")
+    if isinstance(broker_timeout, int | float) and broker_timeout > 0:
+        timeout = min(timeout, float(broker_timeout))
+
+    def pick(key: str, default: int) -> int:
+        value = grant.get(key)
+        return default if value is None else int(value)
+
+    return _egress.EgressLimits(
+        max_request_bytes=pick("max_request_bytes", base.max_request_bytes),
+        max_response_bytes=pick("max_response_bytes", base.max_response_bytes),
+        timeout=timeout,
+        max_redirects=pick("max_redirects", base.max_redirects),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _policy(domains: tuple[str, ...], ports: tuple[int, ...]) -> _egress.EgressPolicy:
+    # Tunnel ops re-check the grant on every chunk: type it once per distinct grant.
+    return _egress.EgressPolicy.from_grant(domains, ports)
+
+
+def _check_fields(call: NetworkArgs, args: dict[str, Any]) -> None:
+    if call.op not in _OP_FIELDS:
+        raise InvalidRequest(f"op {call.op[:20]!r} is not one of {', '.join(OPS)}")
+    extra = sorted(k for k in args if k not in _OP_FIELDS[call.op])
+    if extra:
+        raise InvalidRequest(f"op {call.op!r} does not take `{extra[0]}`")
+    missing = [k for k in _REQUIRED[call.op] if getattr(call, k) is None]
+    if missing:
+        raise InvalidRequest(f"op {call.op!r} needs `{missing[0]}`")
+
+
+async def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    """Run one op if the grant allows it."""
+    grant = context.get("grant") or {}
+    if grant.get("enabled") is not True:
+        raise Denied("network is not granted")
+    try:
+        call = msgspec.convert(args, NetworkArgs)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid arguments: {exc}") from None
+    _check_fields(call, args)
+    try:
+        policy = _policy(tuple(grant.get("allowed_domains") or ()), tuple(grant.get("allowed_ports") or ()))
+        limits = _limits(grant, context.get("limits") or {})
+        tunnel_limits = _tunnel.TunnelLimits.from_grant(grant)
+    except (ValueError, TypeError):
+        raise HandlerFailed("the network grant is invalid; ask the admin to fix it") from None
+    if call.op == "fetch":
+        return await _fetch(context, call, policy, limits)
+    if call.op == "open":
+        return await _open(context, call, policy, tunnel_limits)
+    return await _continue(context, call, policy, limits)
+
+
+async def _fetch(context: dict[str, Any], call: NetworkArgs, policy: _egress.EgressPolicy,
+                 limits: _egress.EgressLimits) -> dict[str, Any]:
+    assert call.method is not None and call.url is not None
+    if not call.follow_redirects:
+        limits = dataclasses.replace(limits, max_redirects=0)  # the caller (a proxy client) follows them
+    audit = context.get("audit")
+    response = await _egress.fetch(
+        _egress.EgressRequest(method=call.method, url=call.url, headers=call.headers, body=call.body),
+        policy,
+        limits,
+        # Test hooks only: the broker never puts these keys into a context.
+        resolver=context.get("egress_resolver"),
+        verify=context.get("egress_verify"),
+        audit=audit if isinstance(audit, dict) else None,
+    )
+    return {
+        "success": True,
+        "data": {
+            "status": response.status,
+            "headers": [[name, value] for name, value in response.headers],
+            "body": response.body,
+        },
+    }
+
+
+async def _open(context: dict[str, Any], call: NetworkArgs, policy: _egress.EgressPolicy,
+                limits: _tunnel.TunnelLimits) -> dict[str, Any]:
+    dest = _tunnel.tunnel_destination(call.host, call.port)
+    policy.check_destination(dest)
+    resolver = context.get("egress_resolver") or _egress.resolve_system  # looked up now: tests patch it
+    addresses = policy.check_addresses(dest, await _egress._resolve(resolver, dest))
+    record_outcome = context.get("record_outcome")
+    if not callable(record_outcome):
+        raise HandlerFailed("this broker cannot audit tunnels; upgrade it")
+    table = _tunnel.tunnel_table()
+    tunnel = await table.open(
+        pack_id=context["pack_id"], component_id=context["component_id"],
+        request_id=context["request_id"], dest=dest, addresses=addresses, limits=limits,
+        record_outcome=record_outcome, still_granted=_still_granted(context),
+    )
+    # No `audit` fields here: the outcome event of this request is written once, at close.
+    return {"success": True, "data": {"tunnel": tunnel.tunnel_id}}
+
+
+def _still_granted(context: dict[str, Any]) -> Any:
+    """A periodic revocation check, when the broker offers `current_grant()` (raises Denied if gone)."""
+    current_grant = context.get("current_grant")
+    if not callable(current_grant):
+        return None
+
+    def check(tunnel: Any) -> bool:
+        try:
+            grant = current_grant()
+            if not isinstance(grant, dict) or grant.get("enabled") is not True:
+                return False
+            policy = _policy(tuple(grant.get("allowed_domains") or ()), tuple(grant.get("allowed_ports") or ()))
+            policy.check_destination(tunnel.dest)
+            policy.check_addresses(tunnel.dest, (tunnel.address,))
+        except Exception:
+            return False
+        return True
+
+    return check
+
+
+async def _continue(context: dict[str, Any], call: NetworkArgs, policy: _egress.EgressPolicy,
+                    limits: _egress.EgressLimits) -> dict[str, Any]:
+    table = _tunnel.tunnel_table()
+    tunnel = table.get(context["pack_id"], context["component_id"], call.tunnel)
+    # The grant may have been narrowed since `open`: the same check, on the current grant.
+    await table.check_granted(tunnel, policy)
+    if call.op == "send":
+        return {"success": True, "data": await table.send(tunnel, call.data, eof=call.eof)}
+    if call.op == "recv":
+        if call.max_bytes < 1:
+            raise InvalidRequest("max_bytes must be at least 1")
+        max_bytes = call.max_bytes
+        reply_cap = (context.get("limits") or {}).get("max_reply_bytes")
+        if isinstance(reply_cap, int) and reply_cap > 0:
+            max_bytes = min(max_bytes, max(1, reply_cap - 256))  # data plus the reply's few fields
+        # Answer well inside the broker's own deadline, so a long-poll never turns into a timeout.
+        wait = max(0.0, min(call.wait, _tunnel.MAX_WAIT_SECONDS, limits.timeout - 2.0))
+        return {"success": True, "data": await table.recv(tunnel, max_bytes, wait)}
+    await table.close(tunnel, "closed")
+    return {"success": True, "data": {}}

@@ -24,11 +24,11 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker._creds import pack_identity  # noqa: E402
-from broker._init import init_workspace  # noqa: E402
-from broker._natsserver import connect, nats_url  # noqa: E402
-from broker._workspace import Workspace  # noqa: E402
-from pack_runtime import Pack  # noqa: E402
+from broker._creds import pack_identity
+from broker._init import init_workspace
+from broker._natsserver import connect, nats_url
+from broker._workspace import Workspace
+from pack_runtime import Pack
 
 ECHO = textwrap.dedent("""
     import asyncio, sys, nats
@@ -114,11 +114,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--sync", default="always", help="JetStream sync_interval (default: always, as shipped)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.at(Path(tmp) / "ws")
         init_workspace(ws)
         cfg = ws.config_file.read_text().replace('"rate_per_second": 200.0', '"rate_per_second": 1000000.0')
+        cfg = cfg.replace('"jetstream_sync": "always"', f'"jetstream_sync": "{a.sync}"')
         ws.config_file.write_text(cfg.replace('"burst": 400', '"burst": 1000000'))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

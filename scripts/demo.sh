@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-if [ -f scripts/ensure-docker.sh ] && [ "${RUMI_DEMO_LOCAL:-0}" != "1" ]; then
+if [[ " $* " != *" --local "* ]]; then
   bash scripts/ensure-docker.sh
 fi
 export PATH="$PWD/.venv/bin:$PATH"

@@ -390,7 +390,8 @@ def test_default_image_cmd_and_labels(built: Built) -> None:
 def test_pack_layer_is_small(built: Built, pytestconfig: pytest.Config) -> None:
     layer = packimage.pack_layer_size(built.client, "default", built.prefix)
     _say(pytestconfig, f"\npack-default adds {layer / 1000:.1f} kB to the base")
-    assert 0 < layer < 1 * MB
+    # Its code plus its own venv with `requests` and its dependencies (about 3 MB of wheels).
+    assert 0 < layer < 6 * MB
 
 
 def _index_reachable() -> bool:

@@ -404,7 +404,7 @@ def test_up_ps_stats_logs_call_doctor_down(images: Images, tmp_path: Path, pytes
         assert outcome["read /etc/passwd"]["code"] == "permission_denied"
         assert outcome["escape with ../ to the broker's credentials"]["code"] == "permission_denied"
         assert outcome["read an ungranted key HOME"]["code"] == "permission_denied"
-        assert outcome["fetch a URL"]["code"] == "permission_denied"
+        assert outcome["GET the cloud metadata address"]["code"] == "permission_denied"
         # The broker wrote through the grant into the sandbox the container has mounted.
         assert (ws.pack_sandbox("default") / "hello.txt").read_text() == "from a container"
 

@@ -111,9 +111,13 @@ def compose_networks(cfg: RumiConfig, pack_ids: Sequence[str], tag: str = "") ->
     try:
         pool = ipaddress.ip_network(cfg.network_pool, strict=True)
     except ValueError as exc:
-        raise ComposeError(f"docker/config.json: network_pool {cfg.network_pool!r} is not a network ({exc})") from None
+        raise ComposeError(
+            f"docker/config.json: network_pool {cfg.network_pool!r} is not a network ({exc})"
+        ) from None
     if not isinstance(pool, ipaddress.IPv4Network):
-        raise ComposeError("docker/config.json: network_pool must be an IPv4 network (Docker's internal bridges)")
+        raise ComposeError(
+            "docker/config.json: network_pool must be an IPv4 network (Docker's internal bridges)"
+        )
     plen = cfg.network_prefix_length
     if not (pool.prefixlen <= plen <= 29):
         raise ComposeError(
@@ -166,8 +170,9 @@ def _network_entry(net: ComposeNetwork, tag: str) -> dict[str, Any]:
         entry["internal"] = True
     entry["driver_opts"] = options
     entry["ipam"] = {"driver": "default", "config": [pool]}
-    entry["labels"] = labels(tag, "compose-pack-network" if net.internal else "compose-control-network",
-                             net.pack_id)
+    entry["labels"] = labels(
+        tag, "compose-pack-network" if net.internal else "compose-control-network", net.pack_id
+    )
     return entry
 
 
@@ -218,7 +223,9 @@ def _ports(ports: dict[str, Any]) -> list[str]:
             mapping = f"{host[0]}:{host[1]}:{port}"
         else:
             # A bare host port would listen on every address: refuse rather than widen it.
-            raise ComposeError(f"port {container} is not bound to an address; Rumi publishes on 127.0.0.1 only")
+            raise ComposeError(
+                f"port {container} is not bound to an address; Rumi publishes on 127.0.0.1 only"
+            )
         out.append(mapping if proto in ("", "tcp") else f"{mapping}/{proto}")
     return out
 
@@ -310,7 +317,9 @@ def compose_service(settings: dict[str, Any], networks: dict[str, dict[str, Any]
 # --------------------------------------------------------------------------------- rendering
 
 
-def render_compose(ws: Workspace, pack_ids: Sequence[str] | None = None, *, prefix: str = DEFAULT_PREFIX) -> str:
+def render_compose(
+    ws: Workspace, pack_ids: Sequence[str] | None = None, *, prefix: str = DEFAULT_PREFIX
+) -> str:
     """The Compose file text for ``pack_ids`` (default: every Pack in ecosystem/).
 
     Writes no file; the runtime's NATS settings make sure the JetStream directory exists.
@@ -345,8 +354,9 @@ def _compose_document(ws: Workspace, cfg: RumiConfig, packs: list[str], prefix: 
         if net.internal:
             nats_networks[net.name] = {"ipv4_address": net.nats_ip}
     services: dict[str, Any] = {
-        "nats": compose_service(_runtime_nats_settings(runtime, image_tag("nats", prefix), cfg.nats_port),
-                                nats_networks)
+        "nats": compose_service(
+            _runtime_nats_settings(runtime, image_tag("nats", prefix), cfg.nats_port), nats_networks
+        )
     }
     for pack_id in packs:
         net = nets[f"pack-{pack_id}"]

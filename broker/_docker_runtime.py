@@ -210,7 +210,9 @@ def allocate_subnet(
     try:
         net = ipaddress.ip_network(pool, strict=True)
     except ValueError as exc:
-        raise RuntimeSetupError(f"docker/config.json: network_pool {pool!r} is not a network ({exc})") from None
+        raise RuntimeSetupError(
+            f"docker/config.json: network_pool {pool!r} is not a network ({exc})"
+        ) from None
     if not isinstance(net, ipaddress.IPv4Network):
         raise RuntimeSetupError(f"docker/config.json: network_pool {pool!r} must be an IPv4 network")
     if not (net.prefixlen <= prefix_length <= 29):
@@ -417,7 +419,9 @@ def start_broker(ws: Workspace, timeout: float = 30, progress: Progress = _quiet
         code = proc.poll()
         if code is not None:
             broker_pid_file(ws).unlink(missing_ok=True)
-            raise RuntimeSetupError(f"the broker exited with code {code}: {_last_line(text) or 'no output'} (log {log})")
+            raise RuntimeSetupError(
+                f"the broker exited with code {code}: {_last_line(text) or 'no output'} (log {log})"
+            )
         if time.monotonic() > deadline:
             _terminate(proc.pid, 5)
             broker_pid_file(ws).unlink(missing_ok=True)
@@ -642,7 +646,10 @@ class DockerRuntime:
             "com.docker.network.bridge.enable_icc": "true",
         }
         net = self._create_network(
-            self.pack_network_name(pack_id), labels(self.tag, ROLE_PACK_NETWORK, pack_id), options, internal=True
+            self.pack_network_name(pack_id),
+            labels(self.tag, ROLE_PACK_NETWORK, pack_id),
+            options,
+            internal=True,
         )
         info = self._pack_network_from(net)
         if info is None:  # pragma: no cover - we just created it with these fields
@@ -662,7 +669,9 @@ class DockerRuntime:
                 " run `rumi down`, then `rumi up`"
             )
 
-    def _create_network(self, name: str, net_labels: dict[str, str], options: dict[str, str], *, internal: bool) -> Any:
+    def _create_network(
+        self, name: str, net_labels: dict[str, str], options: dict[str, str], *, internal: bool
+    ) -> Any:
         import docker.errors
         from docker.types import IPAMConfig, IPAMPool
 
@@ -793,7 +802,9 @@ class DockerRuntime:
             container.labels.get(LABEL_CONFIG_HASH) != settings["labels"][LABEL_CONFIG_HASH]
             or container.status not in ("running", "created")
         ):
-            self.progress(f"nats: replacing {container.name} ({container.status}, settings changed or stopped)")
+            self.progress(
+                f"nats: replacing {container.name} ({container.status}, settings changed or stopped)"
+            )
             container.remove(force=True)
             container = None
         if container is None:
@@ -908,7 +919,12 @@ class DockerRuntime:
     def pack_settings(self, pack_id: str, image: str, net: PackNetwork, cfg: RumiConfig) -> dict[str, Any]:
         """The docker SDK kwargs for a Pack: `pack_container_settings` plus this runtime's names and DNS."""
         spec = pack_spec(
-            self.ws, cfg, pack_id, image=image, network=net.name, nats_url=net.nats_url,
+            self.ws,
+            cfg,
+            pack_id,
+            image=image,
+            network=net.name,
+            nats_url=net.nats_url,
             creds_dir=self.pack_creds_dir(pack_id),
         )
         settings = pack_container_settings(spec)
@@ -936,7 +952,9 @@ class DockerRuntime:
             )
         other.remove(force=True)
 
-    def start_pack(self, pack_id: str, image: str, net: PackNetwork, cfg: RumiConfig) -> tuple[Any, bool, float]:
+    def start_pack(
+        self, pack_id: str, image: str, net: PackNetwork, cfg: RumiConfig
+    ) -> tuple[Any, bool, float]:
         """Create and start the Pack's container unless an identical one runs; (container, created, t0)."""
         import docker.errors
 
@@ -956,7 +974,9 @@ class DockerRuntime:
             container = self.client.containers.create(**settings)
             container.start()
         except docker.errors.APIError as exc:
-            raise RuntimeSetupError(f"cannot start the container of Pack {pack_id}: {_api_message(exc)}") from None
+            raise RuntimeSetupError(
+                f"cannot start the container of Pack {pack_id}: {_api_message(exc)}"
+            ) from None
         return container, True, started
 
     def _seed_digest(self, pack_id: str) -> str:
@@ -1019,7 +1039,9 @@ class DockerRuntime:
         if not self.ws.handlers.is_dir():
             raise RuntimeSetupError(f"no workspace at {self.ws.root}: run `rumi init` first (or pass --root)")
         with self._exclusive():
-            return self._up(cfg, pack_ids, build=build, with_broker=with_broker, health_timeout=health_timeout)
+            return self._up(
+                cfg, pack_ids, build=build, with_broker=with_broker, health_timeout=health_timeout
+            )
 
     def _up(
         self,
@@ -1054,14 +1076,17 @@ class DockerRuntime:
         running = sorted(set(wanted) | set(self.pack_networks()))
         for pack_id in running:
             self.prepare_pack_files(pack_id)
-        url = self.ensure_nats(tags["nats"], running, [networks.get(p) or self.ensure_pack_network(p) for p in running])
+        url = self.ensure_nats(
+            tags["nats"], running, [networks.get(p) or self.ensure_pack_network(p) for p in running]
+        )
         _write_small(_state_file(self.ws), json.dumps({"prefix": self.prefix, "nats_url": url}) + "\n")
         self.progress(f"nats: {url}")
         broker_pid = 0
         if with_broker:
             broker_pid = start_broker(self.ws, progress=self.progress)
         started = {
-            pack_id: self.start_pack(pack_id, tags[f"pack:{pack_id}"], networks[pack_id], cfg) for pack_id in wanted
+            pack_id: self.start_pack(pack_id, tags[f"pack:{pack_id}"], networks[pack_id], cfg)
+            for pack_id in wanted
         }
         packs = self.wait_healthy(started, health_timeout)
         return UpReport(url, broker_pid, packs, time.monotonic() - began)
@@ -1120,7 +1145,9 @@ class DockerRuntime:
         nets = self.client.networks.list(filters=self._filters())
         for net in nets:
             bridge = (net.attrs.get("Options") or {}).get("com.docker.network.bridge.name", "")
-            if net.attrs.get("Labels", {}).get(LABEL_ROLE) == ROLE_PACK_NETWORK and _guard.BRIDGE_RE.match(bridge):
+            if net.attrs.get("Labels", {}).get(LABEL_ROLE) == ROLE_PACK_NETWORK and _guard.BRIDGE_RE.match(
+                bridge
+            ):
                 bridges.add(bridge)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda n: self._remove_network(n, removed), nets))
@@ -1263,7 +1290,9 @@ class DockerRuntime:
             raise RuntimeSetupError(f"{what} has no container in this workspace: `rumi up` starts it")
         return found[0]
 
-    def logs(self, pack_id: str | None, *, nats: bool = False, follow: bool = False, tail: int | None = None) -> Iterator[bytes]:
+    def logs(
+        self, pack_id: str | None, *, nats: bool = False, follow: bool = False, tail: int | None = None
+    ) -> Iterator[bytes]:
         """The container's log (stdout and stderr), optionally following it."""
         container = self.container_for(pack_id, nats=nats)
         kwargs: dict[str, Any] = {"stdout": True, "stderr": True, "tail": tail if tail is not None else "all"}

@@ -91,15 +91,34 @@ ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Framing, routing and connection headers belong to the broker, never to the Pack (Host would pick
 # another virtual host behind a granted address; Content-Length/Transfer-Encoding smuggle requests).
-FORBIDDEN_HEADERS = frozenset({
-    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
-    "trailer", "proxy-connection", "expect", "http2-settings",
-})
+FORBIDDEN_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "expect",
+        "http2-settings",
+    }
+)
 # The only Pack headers that survive a redirect to another origin: no credentials or API keys.
-CROSS_ORIGIN_SAFE_HEADERS = frozenset({
-    "accept", "accept-encoding", "accept-language", "cache-control", "content-language",
-    "content-type", "pragma", "user-agent",
-})
+CROSS_ORIGIN_SAFE_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "cache-control",
+        "content-language",
+        "content-type",
+        "pragma",
+        "user-agent",
+    }
+)
 DEFAULT_HEADERS = (("User-Agent", "rumi-broker"), ("Accept", "*/*"))
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -112,51 +131,56 @@ _AUTHORITY_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\[\]:@]+)(?::([0-9]{1,5}))?$
 
 # --- addresses ------------------------------------------------------------------------------------
 
+
 def _rules(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[IPNetwork, str], ...]:
     return tuple((ipaddress.ip_network(net), why) for net, why in pairs)
 
 
 _METADATA = "a cloud metadata address"
 # Special-purpose blocks (IANA registries), most specific first so messages say the precise reason.
-_V4_RULES = _rules((
-    ("169.254.169.254/32", _METADATA),       # AWS, GCP, Azure, OpenStack, DigitalOcean, ...
-    ("169.254.170.2/32", _METADATA),         # AWS ECS task credentials
-    ("100.100.100.200/32", _METADATA),       # Alibaba Cloud
-    ("192.0.0.192/32", _METADATA),           # Oracle Cloud
-    ("168.63.129.16/32", "a cloud platform address (Azure WireServer)"),  # public, but the host's own
-    ("0.0.0.0/8", "unspecified"),
-    ("10.0.0.0/8", "private"),
-    ("100.64.0.0/10", "shared address space (CGNAT)"),
-    ("127.0.0.0/8", "loopback"),
-    ("169.254.0.0/16", "link-local"),
-    ("172.16.0.0/12", "private"),
-    ("192.0.0.0/24", "reserved (IETF protocol assignments)"),
-    ("192.0.2.0/24", "reserved for documentation"),
-    ("192.88.99.0/24", "reserved (6to4 relay anycast)"),
-    ("192.168.0.0/16", "private"),
-    ("198.18.0.0/15", "reserved for benchmarking"),
-    ("198.51.100.0/24", "reserved for documentation"),
-    ("203.0.113.0/24", "reserved for documentation"),
-    ("224.0.0.0/4", "multicast"),
-    ("240.0.0.0/4", "reserved"),             # includes 255.255.255.255
-))
-_V6_RULES = _rules((
-    ("fd00:ec2::254/128", _METADATA),        # AWS IMDS over IPv6
-    ("::/128", "unspecified"),
-    ("::1/128", "loopback"),
-    ("::/96", "reserved (IPv4-compatible)"),
-    ("64:ff9b:1::/48", "reserved (local-use NAT64)"),
-    ("100::/64", "reserved (discard-only)"),
-    ("2001::/32", "a Teredo tunnel address"),
-    ("2001::/23", "reserved (IETF protocol assignments)"),
-    ("2001:db8::/32", "reserved for documentation"),
-    ("3fff::/20", "reserved for documentation"),
-    ("5f00::/16", "reserved (SRv6)"),
-    ("fc00::/7", "private (unique local)"),
-    ("fe80::/10", "link-local"),
-    ("fec0::/10", "private (site-local)"),
-    ("ff00::/8", "multicast"),
-))
+_V4_RULES = _rules(
+    (
+        ("169.254.169.254/32", _METADATA),  # AWS, GCP, Azure, OpenStack, DigitalOcean, ...
+        ("169.254.170.2/32", _METADATA),  # AWS ECS task credentials
+        ("100.100.100.200/32", _METADATA),  # Alibaba Cloud
+        ("192.0.0.192/32", _METADATA),  # Oracle Cloud
+        ("168.63.129.16/32", "a cloud platform address (Azure WireServer)"),  # public, but the host's own
+        ("0.0.0.0/8", "unspecified"),
+        ("10.0.0.0/8", "private"),
+        ("100.64.0.0/10", "shared address space (CGNAT)"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "reserved (IETF protocol assignments)"),
+        ("192.0.2.0/24", "reserved for documentation"),
+        ("192.88.99.0/24", "reserved (6to4 relay anycast)"),
+        ("192.168.0.0/16", "private"),
+        ("198.18.0.0/15", "reserved for benchmarking"),
+        ("198.51.100.0/24", "reserved for documentation"),
+        ("203.0.113.0/24", "reserved for documentation"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),  # includes 255.255.255.255
+    )
+)
+_V6_RULES = _rules(
+    (
+        ("fd00:ec2::254/128", _METADATA),  # AWS IMDS over IPv6
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("::/96", "reserved (IPv4-compatible)"),
+        ("64:ff9b:1::/48", "reserved (local-use NAT64)"),
+        ("100::/64", "reserved (discard-only)"),
+        ("2001::/32", "a Teredo tunnel address"),
+        ("2001::/23", "reserved (IETF protocol assignments)"),
+        ("2001:db8::/32", "reserved for documentation"),
+        ("3fff::/20", "reserved for documentation"),
+        ("5f00::/16", "reserved (SRv6)"),
+        ("fc00::/7", "private (unique local)"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "private (site-local)"),
+        ("ff00::/8", "multicast"),
+    )
+)
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _PORT_NUMBERS = frozenset(range(1, 65536))
 _GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
@@ -206,6 +230,7 @@ def _parse_ip(text: str) -> IPAddress | None:
 
 
 # --- grant entries --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AnyHost:
@@ -302,8 +327,11 @@ def parse_host_entry(text: str) -> HostEntry:
             net = ipaddress.ip_network(entry, strict=False)
         except ValueError:
             raise ValueError(f"allowed_domains entry {text!r} is not a valid CIDR block") from None
-        if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and \
-                net.network_address.ipv4_mapped is not None:
+        if (
+            isinstance(net, ipaddress.IPv6Network)
+            and net.prefixlen >= 96
+            and net.network_address.ipv4_mapped is not None
+        ):
             mapped = net.network_address.ipv4_mapped
             return Network(ipaddress.IPv4Network((int(mapped), net.prefixlen - 96)))
         return Network(net)
@@ -320,6 +348,7 @@ def parse_host_entry(text: str) -> HostEntry:
 
 
 # --- the request's destination --------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Destination:
@@ -430,6 +459,7 @@ def url_target(text: object) -> str:
 
 # --- policy ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class EgressPolicy:
     """The typed form of one network grant: host entries and ports, both normalised."""
@@ -454,8 +484,11 @@ class EgressPolicy:
         for entry in self.hosts:
             if isinstance(entry, Address) and entry.address == address:
                 return True
-            if isinstance(entry, Network) and entry.network.version == address.version and \
-                    address in entry.network:
+            if (
+                isinstance(entry, Network)
+                and entry.network.version == address.version
+                and address in entry.network
+            ):
                 return True
         return False
 
@@ -548,6 +581,7 @@ async def _resolve(resolver: Resolver, dest: Destination) -> list[IPAddress]:
 
 # --- transport ------------------------------------------------------------------------------------
 
+
 class PinnedBackend(httpcore.AsyncNetworkBackend):
     """A network backend that dials only the vetted addresses of one vetted (host, port).
 
@@ -556,8 +590,13 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
     TLS then runs over that stream with `server_hostname` = the URL's host (SNI and certificate).
     """
 
-    def __init__(self, host: str, port: int, addresses: Sequence[IPAddress],
-                 inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        addresses: Sequence[IPAddress],
+        inner: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
         self._host = host
         self._port = port
         self._addresses = tuple(addresses)[:MAX_ADDRESSES_TRIED]
@@ -620,8 +659,12 @@ class PinnedTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, backend: PinnedBackend, ssl_context: ssl.SSLContext) -> None:
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context, http1=True, http2=False, retries=0,
-            max_connections=1, network_backend=backend,
+            ssl_context=ssl_context,
+            http1=True,
+            http2=False,
+            retries=0,
+            max_connections=1,
+            network_backend=backend,
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -666,6 +709,7 @@ def _ssl_context(verify: ssl.SSLContext | str | None) -> ssl.SSLContext:
 
 
 # --- the exchange ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class EgressLimits:
@@ -753,8 +797,10 @@ def _connect_failure(dest: Destination, exc: BaseException) -> HandlerFailed:
         why = f"TLS certificate of {dest.host} did not verify"
     elif any(isinstance(c, ssl.SSLError) for c in chain):
         why = "TLS handshake failed"
-    elif any(isinstance(c, ConnectionRefusedError) or getattr(c, "errno", None) == errno.ECONNREFUSED
-             for c in chain):
+    elif any(
+        isinstance(c, ConnectionRefusedError) or getattr(c, "errno", None) == errno.ECONNREFUSED
+        for c in chain
+    ):
         why = "connection refused"
     else:
         why = "host unreachable"
@@ -775,16 +821,28 @@ async def _read_capped(response: httpx.Response, cap: int, dest: Destination) ->
     return b"".join(chunks)
 
 
-async def _exchange(dest: Destination, addresses: Sequence[IPAddress], method: str,
-                    headers: list[tuple[str, str]], body: bytes, follow: bool,
-                    ssl_context: ssl.SSLContext, limits: EgressLimits) -> _Hop:
+async def _exchange(
+    dest: Destination,
+    addresses: Sequence[IPAddress],
+    method: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    follow: bool,
+    ssl_context: ssl.SSLContext,
+    limits: EgressLimits,
+) -> _Hop:
     """One request/response on a fresh pinned connection; the body is read unless it is a redirect."""
     backend = PinnedBackend(dest.connect_host, dest.port, addresses)
-    timeout = {"connect": limits.timeout, "read": limits.timeout, "write": limits.timeout,
-               "pool": limits.timeout}
+    timeout = {
+        "connect": limits.timeout,
+        "read": limits.timeout,
+        "write": limits.timeout,
+        "pool": limits.timeout,
+    }
     raw_headers = [(n.encode("ascii"), v.encode("utf-8")) for n, v in headers]
-    request = httpx.Request(method, dest.url, headers=raw_headers, content=body or None,
-                            extensions={"timeout": timeout})
+    request = httpx.Request(
+        method, dest.url, headers=raw_headers, content=body or None, extensions={"timeout": timeout}
+    )
     async with PinnedTransport(backend, ssl_context) as transport:
         try:
             response = await transport.handle_async_request(request)

@@ -151,7 +151,9 @@ def _disable_ipv6(bridge: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
-        raise GuardError(f"cannot set net.ipv6.conf.{bridge}.disable_ipv6=1 ({exc.strerror}); run as root") from None
+        raise GuardError(
+            f"cannot set net.ipv6.conf.{bridge}.disable_ipv6=1 ({exc.strerror}); run as root"
+        ) from None
 
 
 def install_guard(bridge: str, workspace: str) -> BridgeGuard:
@@ -185,7 +187,9 @@ def bridge_guard_status(bridge: str, workspace: str) -> BridgeGuard:
             disabled = not exists
     else:
         ipv6 = disabled = True  # no IPv6 in this kernel at all
-    return BridgeGuard(bridge=bridge, ipv4_drop=ipv4, ipv6_drop=ipv6, ipv6_disabled=disabled, bridge_exists=exists)
+    return BridgeGuard(
+        bridge=bridge, ipv4_drop=ipv4, ipv6_drop=ipv6, ipv6_disabled=disabled, bridge_exists=exists
+    )
 
 
 def remove_guard(bridge: str, workspace: str) -> None:

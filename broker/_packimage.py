@@ -93,8 +93,20 @@ HASH_FILE = ".content-hash"
 _SITE = f"{PACK_VENV}/lib/python3.11/site-packages"
 _PATH = f"{PACK_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Left out of the code copy: caches, VCS data, and what would only be a secret or noise in an image.
-_SKIP_NAMES = frozenset({"__pycache__", ".git", ".hg", ".svn", ".venv", "venv", ".mypy_cache",
-                         ".pytest_cache", ".ruff_cache", ".DS_Store"})
+_SKIP_NAMES = frozenset(
+    {
+        "__pycache__",
+        ".git",
+        ".hg",
+        ".svn",
+        ".venv",
+        "venv",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        ".DS_Store",
+    }
+)
 _SKIP_SUFFIXES = (".pyc", ".pyo")
 _ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,199}$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
@@ -116,7 +128,9 @@ _HASH_RE = re.compile(r"^--hash[= ](sha256|sha384|sha512):[0-9a-f]{64,128}$")
 def pack_image_tag(pack_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     """The tag of a Pack's image: ``<prefix>-pack-<pack_id>:latest``."""
     if not is_pack_id(pack_id):
-        raise WorkspaceError(f"{pack_id!r} is not a valid pack id (lowercase letter, then [a-z0-9_-], max 32)")
+        raise WorkspaceError(
+            f"{pack_id!r} is not a valid pack id (lowercase letter, then [a-z0-9_-], max 32)"
+        )
     image_tag("base", prefix)  # validates the prefix with the same rule as every other image
     return f"{prefix}-pack-{pack_id}:latest"
 
@@ -181,9 +195,13 @@ def _load_pack(ws: Workspace, pack_id: str) -> _Pack:
         raise WorkspaceError(f"{where}: entrypoint {manifest.entrypoint!r} must be a plain relative path")
     entry = source / manifest.entrypoint
     if entry.is_symlink() or not entry.is_file():
-        raise WorkspaceError(f"{where}: entrypoint {manifest.entrypoint} is not a file in ecosystem/{pack_id}/")
+        raise WorkspaceError(
+            f"{where}: entrypoint {manifest.entrypoint} is not a file in ecosystem/{pack_id}/"
+        )
     if not _VERSION_RE.match(manifest.version):
-        raise WorkspaceError(f"{where}: version {manifest.version!r} must be like 1.2.3 (letters, digits, .+_-)")
+        raise WorkspaceError(
+            f"{where}: version {manifest.version!r} must be like 1.2.3 (letters, digits, .+_-)"
+        )
     req_file = source / "requirements.txt"
     requirements: tuple[str, ...] = ()
     if req_file.is_symlink():
@@ -239,9 +257,7 @@ def _code_entries(source: Path) -> list[_Entry]:
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_NAMES)
         here = Path(dirpath)
-        names = sorted(
-            [*filenames, *(d for d in dirnames if (here / d).is_symlink())]
-        )
+        names = sorted([*filenames, *(d for d in dirnames if (here / d).is_symlink())])
         # os.walk does not descend into linked directories; they are copied as links.
         dirnames[:] = [d for d in dirnames if not (here / d).is_symlink()]
         for d in dirnames:
@@ -258,7 +274,9 @@ def _code_entries(source: Path) -> list[_Entry]:
                 mode = 0o755 if st.st_mode & 0o111 else 0o644
                 entries.append(_Entry(rel, "file", mode, _file_sha256(path)))
             else:
-                raise WorkspaceError(f"{path}: not a regular file, directory or link; remove it from the Pack")
+                raise WorkspaceError(
+                    f"{path}: not a regular file, directory or link; remove it from the Pack"
+                )
     entries.sort(key=lambda e: e.rel)
     return entries
 
@@ -314,19 +332,33 @@ def _fetch_pack_wheels(
         if files and all((wheels / name).is_file() for name, _ in files):
             return wheels, files
     wheels.mkdir(parents=True, exist_ok=True)
-    progress(f"pack-{pack.pack_id}: downloading wheels for {len(pack.requirements)} requirement(s) ({platforms[0]})")
+    progress(
+        f"pack-{pack.pack_id}: downloading wheels for {len(pack.requirements)} requirement(s) ({platforms[0]})"
+    )
     with tempfile.TemporaryDirectory(prefix="rumi-req-") as tmp:
         req_file = Path(tmp) / "requirements.txt"
         req_file.write_text("\n".join(pack.requirements) + "\n")
         _pip(
-            ["download", "-q", "-d", str(wheels), "--find-links", str(wheels),
-             *_platform_args(platforms), "-r", str(req_file)],
+            [
+                "download",
+                "-q",
+                "-d",
+                str(wheels),
+                "--find-links",
+                str(wheels),
+                *_platform_args(platforms),
+                "-r",
+                str(req_file),
+            ],
             pack=pack,
             platforms=platforms,
             hermetic=False,
         )
-    stray = sorted(p.name for p in wheels.iterdir() if p.is_file() and p.name != "manifest.json"
-                   and not p.name.endswith(".whl"))
+    stray = sorted(
+        p.name
+        for p in wheels.iterdir()
+        if p.is_file() and p.name != "manifest.json" and not p.name.endswith(".whl")
+    )
     if stray:
         raise ImageBuildError(
             f"Pack {pack.pack_id}: {stray[0]} is a source distribution; Rumi installs wheels only "
@@ -344,11 +376,18 @@ def _pip(
     argv = [sys.executable, "-m", "pip", *args]
     try:
         done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, check=False,
-            stdin=subprocess.DEVNULL, env=_pip_env(hermetic),
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=_pip_env(hermetic),
         )
     except subprocess.TimeoutExpired as exc:
-        raise ImageBuildError(f"Pack {pack.pack_id}: pip {args[0]} did not finish within {timeout:.0f}s") from exc
+        raise ImageBuildError(
+            f"Pack {pack.pack_id}: pip {args[0]} did not finish within {timeout:.0f}s"
+        ) from exc
     if done.returncode == 0:
         return
     text = done.stderr or done.stdout
@@ -368,9 +407,7 @@ def _pip(
     )
 
 
-def _install_wheels(
-    pack: _Pack, wheels: Path, platforms: Sequence[str], site: Path
-) -> None:
+def _install_wheels(pack: _Pack, wheels: Path, platforms: Sequence[str], site: Path) -> None:
     """Unpack the wheels into ``site`` on the host: no index, no build, no code of theirs run."""
     site.mkdir(parents=True)
     if not pack.requirements:
@@ -379,8 +416,19 @@ def _install_wheels(
         req_file = Path(tmp) / "requirements.txt"
         req_file.write_text("\n".join(pack.requirements) + "\n")
         _pip(
-            ["install", "-q", "--no-compile", "--no-index", "--find-links", str(wheels),
-             "--target", str(site), *_platform_args(platforms), "-r", str(req_file)],
+            [
+                "install",
+                "-q",
+                "--no-compile",
+                "--no-index",
+                "--find-links",
+                str(wheels),
+                "--target",
+                str(site),
+                *_platform_args(platforms),
+                "-r",
+                str(req_file),
+            ],
             pack=pack,
             platforms=platforms,
             hermetic=True,
@@ -453,11 +501,23 @@ class _Staged:
     key: str
 
 
-def _inputs_key(pack: _Pack, dockerfile: str, code: Sequence[_Entry], wheel_files: Sequence[tuple[str, str]],
-                platforms: Sequence[str]) -> str:
+def _inputs_key(
+    pack: _Pack,
+    dockerfile: str,
+    code: Sequence[_Entry],
+    wheel_files: Sequence[tuple[str, str]],
+    platforms: Sequence[str],
+) -> str:
     """Hash of everything the context is made from (the base image's id is added for the image key)."""
-    return _hash_parts("pack-context", _recipe_hash(), dockerfile, [e.__dict__ for e in code],
-                       list(pack.requirements), list(wheel_files), list(platforms))
+    return _hash_parts(
+        "pack-context",
+        _recipe_hash(),
+        dockerfile,
+        [e.__dict__ for e in code],
+        list(pack.requirements),
+        list(wheel_files),
+        list(platforms),
+    )
 
 
 def _stage(
@@ -480,7 +540,9 @@ def _stage(
         _set_mode(tmp, 0o755)
         _copy_code(pack.source, code, tmp / "app")
         if wheel_files:
-            progress(f"pack-{pack.pack_id}: unpacking {len(wheel_files)} wheel(s) into site/ (host, no index)")
+            progress(
+                f"pack-{pack.pack_id}: unpacking {len(wheel_files)} wheel(s) into site/ (host, no index)"
+            )
         _install_wheels(pack, wheels, platforms, tmp / "site")
         (tmp / "Dockerfile").write_text(dockerfile)
         (tmp / HASH_FILE).write_text(key + "\n")
@@ -510,8 +572,9 @@ def write_pack_dockerfile(
     cached) only when the Pack has a requirements.txt.
     """
     pack = _load_pack(ws, pack_id)
-    staged = _stage(ws, pack, base_image, wheel_platforms(libc), cache_dir or default_cache_dir(),
-                    progress or _quiet)
+    staged = _stage(
+        ws, pack, base_image, wheel_platforms(libc), cache_dir or default_cache_dir(), progress or _quiet
+    )
     return staged.path / "Dockerfile"
 
 
@@ -581,8 +644,13 @@ def build_pack(
             tag=tag,
             dockerfile=staged.dockerfile,
             context={"app": staged.path / "app", "site": staged.path / "site"},
-            labels={LABEL_PREFIX: prefix, LABEL_KIND: "pack", LABEL_HASH: key, LABEL_PACK: pack_id,
-                    LABEL_LIBC: libc},
+            labels={
+                LABEL_PREFIX: prefix,
+                LABEL_KIND: "pack",
+                LABEL_HASH: key,
+                LABEL_PACK: pack_id,
+                LABEL_LIBC: libc,
+            },
             buildargs={},
             work=Path(tmp),
             progress=progress,
@@ -594,8 +662,9 @@ def build_pack(
 def _built(client: Any, tag: str, base: Any, *, reused: bool, started: float) -> BuiltPack:
     image = client.images.get(tag)
     size = int(image.attrs.get("Size", 0))
-    return BuiltPack(tag, str(image.id), reused, size, size - int(base.attrs.get("Size", 0)),
-                     time.monotonic() - started)
+    return BuiltPack(
+        tag, str(image.id), reused, size, size - int(base.attrs.get("Size", 0)), time.monotonic() - started
+    )
 
 
 def pack_layer_size(client: Any, pack_id: str, prefix: str = DEFAULT_PREFIX) -> int:
@@ -634,8 +703,10 @@ def stage_base_context(
         (base / "Dockerfile").write_text(_template("base", "Dockerfile"))
     ignore = base / ".dockerignore"
     if not ignore.exists():
-        ignore.write_text("# generated by rumi: the .gitignore files of generated directories stay out of images\n"
-                          "*/.gitignore\n")
+        ignore.write_text(
+            "# generated by rumi: the .gitignore files of generated directories stay out of images\n"
+            "*/.gitignore\n"
+        )
     # The stamp lives in the state directory: docker/base/ holds only what a user may commit or build.
     ws.state.mkdir(parents=True, exist_ok=True)
     stamp = ws.state / "base-context.hash"
@@ -666,10 +737,32 @@ def stage_base_context(
 
 def _run_pip_install(requirements: Sequence[str], wheels: Path, platforms: Sequence[str], site: Path) -> None:
     """pip install --target from local wheels only (host; unpacking runs no package code)."""
-    argv = [sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--no-index", "--find-links",
-            str(wheels), "--target", str(site), *_platform_args(platforms), *requirements]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False,
-                          stdin=subprocess.DEVNULL, env=_pip_env(True))
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-compile",
+        "--no-index",
+        "--find-links",
+        str(wheels),
+        "--target",
+        str(site),
+        *_platform_args(platforms),
+        *requirements,
+    ]
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=_pip_env(True),
+    )
     if done.returncode != 0:
         lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
-        raise ImageBuildError(f"staging docker/base: pip install failed: {lines[-1] if lines else done.returncode}")
+        raise ImageBuildError(
+            f"staging docker/base: pip install failed: {lines[-1] if lines else done.returncode}"
+        )

@@ -304,6 +304,7 @@ class Broker:
             later = RequestRecord(request_id=request_id, pack_id=rec.pack_id, capability=rec.capability)
             later.component_id, later.target = rec.component_id, target
             await self._outcome(later, None, fields)
+
         context = {
             "pack_id": rec.pack_id,
             "component_id": rec.component_id,
@@ -339,7 +340,9 @@ class Broker:
         payload = ok_reply(rec.request_id, data)
         if len(payload) > self._max_reply:
             # The server would drop an oversized reply and the Pack would only see a timeout.
-            return error_reply(rec.request_id, "too_large", "the result is larger than the NATS payload limit")
+            return error_reply(
+                rec.request_id, "too_large", "the result is larger than the NATS payload limit"
+            )
         return payload
 
     def _policy_decide(self, pack_id: str, component_id: str, capability: str) -> Any:

@@ -108,7 +108,7 @@ def _server_name(ext: bytes | bytearray) -> str:
         if at + 3 > len(ext):
             raise MalformedClientHello("server_name entry is truncated")
         kind, size = ext[at], _u16(ext, at + 1)
-        raw = bytes(ext[at + 3:at + 3 + size])
+        raw = bytes(ext[at + 3 : at + 3 + size])
         if kind != 0 or len(raw) != size or size == 0:
             raise MalformedClientHello("server_name entry is not one non-empty host_name")
         names.append(raw)
@@ -151,7 +151,7 @@ def _parse_hello_body(body: bytes | bytearray) -> tuple[str | None, bool]:
         if at + 4 > len(body):
             raise MalformedClientHello("ClientHello extension is truncated")
         kind, size = _u16(body, at), _u16(body, at + 2)
-        ext = body[at + 4:at + 4 + size]
+        ext = body[at + 4 : at + 4 + size]
         if len(ext) != size:
             raise MalformedClientHello("ClientHello extension is truncated")
         if kind in seen:
@@ -185,13 +185,13 @@ def parse_client_hello(data: bytes | bytearray) -> ClientHello | None:
         if size == 0 or size > _MAX_RECORD:
             raise MalformedClientHello("TLS record length is out of range")
         if len(data) - at - 5 < size:
-            _hello_length(handshake + data[at + 5:])  # refuse a bad header before waiting for more
+            _hello_length(handshake + data[at + 5 :])  # refuse a bad header before waiting for more
             return None
-        handshake += data[at + 5:at + 5 + size]
+        handshake += data[at + 5 : at + 5 + size]
         at += 5 + size
         length = _hello_length(handshake)
         if length is not None and len(handshake) >= 4 + length:
-            name, hidden = _parse_hello_body(handshake[4:4 + length])
+            name, hidden = _parse_hello_body(handshake[4 : 4 + length])
             return ClientHello(server_name=name, hides_server_name=hidden, length=at)
 
 
@@ -222,8 +222,9 @@ class FirstFlightRefused(Denied):
         self.reason = reason
 
 
-def check_first_flight(data: bytes | bytearray, host: str, host_is_ip: bool, port: int,
-                       *, final: bool = False) -> FirstFlight:
+def check_first_flight(
+    data: bytes | bytearray, host: str, host_is_ip: bool, port: int, *, final: bool = False
+) -> FirstFlight:
     """Decide on a tunnel's first bytes; raise `Denied` (a `FirstFlightRefused`) to refuse them.
 
     Rules: bytes starting with 0x16 (a TLS handshake record) must be a well-formed ClientHello; its
@@ -246,7 +247,9 @@ def check_first_flight(data: bytes | bytearray, host: str, host_is_ip: bool, por
         raise FirstFlightRefused(f"refused: {exc}", "bad_client_hello") from None
     if hello is None:
         if final or len(data) >= MAX_FIRST_FLIGHT_BYTES:
-            raise FirstFlightRefused("refused: the TLS ClientHello is incomplete or too large", "bad_client_hello")
+            raise FirstFlightRefused(
+                "refused: the TLS ClientHello is incomplete or too large", "bad_client_hello"
+            )
         return FirstFlight.NEED_MORE
     if hello.hides_server_name:
         raise FirstFlightRefused(
@@ -269,6 +272,7 @@ def check_first_flight(data: bytes | bytearray, host: str, host_is_ip: bool, por
 
 
 # --- destinations ---------------------------------------------------------------------------------
+
 
 def tunnel_destination(host: object, port: object) -> Destination:
     """The typed destination of `open {host, port}` (same normalisation as a fetch URL); bad input raises."""
@@ -295,6 +299,7 @@ def open_target(host: object, port: object) -> str:
 
 
 # --- limits ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TunnelLimits:
@@ -331,6 +336,7 @@ class TunnelLimits:
 
 
 # --- tunnels --------------------------------------------------------------------------------------
+
 
 @dataclass(eq=False)
 class Tunnel:
@@ -375,8 +381,9 @@ class Tunnel:
 class TunnelTable:
     """The open tunnels of one event loop; see the module docstring. Use `tunnel_table()`."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic,
-                 reap_interval: float = REAP_INTERVAL) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, reap_interval: float = REAP_INTERVAL
+    ) -> None:
         self._clock = clock
         self._reap_interval = reap_interval
         self._tunnels: dict[tuple[str, str], Tunnel] = {}
@@ -425,10 +432,20 @@ class TunnelTable:
                 del self._opening[pack_id]
         now = self._clock()
         tunnel = Tunnel(
-            tunnel_id=secrets.token_urlsafe(18), pack_id=pack_id, component_id=component_id,
-            request_id=request_id, dest=dest, address=address, limits=limits, reader=reader,
-            writer=writer, record_outcome=record_outcome, opened=now, last_active=now,
-            still_granted=still_granted, last_grant_check=now,
+            tunnel_id=secrets.token_urlsafe(18),
+            pack_id=pack_id,
+            component_id=component_id,
+            request_id=request_id,
+            dest=dest,
+            address=address,
+            limits=limits,
+            reader=reader,
+            writer=writer,
+            record_outcome=record_outcome,
+            opened=now,
+            last_active=now,
+            still_granted=still_granted,
+            last_grant_check=now,
         )
         self._tunnels[(pack_id, tunnel.tunnel_id)] = tunnel
         if self._reaper is None or self._reaper.done():
@@ -452,8 +469,9 @@ class TunnelTable:
             if tunnel.inspecting:
                 tunnel.held += data
                 try:
-                    verdict = check_first_flight(tunnel.held, tunnel.dest.host, tunnel.host_is_ip,
-                                                 tunnel.dest.port, final=eof)
+                    verdict = check_first_flight(
+                        tunnel.held, tunnel.dest.host, tunnel.host_is_ip, tunnel.dest.port, final=eof
+                    )
                 except FirstFlightRefused as exc:
                     tunnel.held.clear()
                     await self.close(tunnel, exc.reason, abort=True)
@@ -579,8 +597,9 @@ class TunnelTable:
         return None
 
 
-async def _connect(dest: Destination, addresses: Sequence[IPAddress],
-                   timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, IPAddress]:
+async def _connect(
+    dest: Destination, addresses: Sequence[IPAddress], timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, IPAddress]:
     """TCP to the first vetted address that answers; never a name, never a second lookup."""
     why = "host unreachable"
     for address in tuple(addresses)[:MAX_ADDRESSES_TRIED]:

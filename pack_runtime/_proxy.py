@@ -50,10 +50,23 @@ RATE_LIMIT_RETRIES = 20
 _AUTHORITY_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Hop-by-hop and framing headers: this proxy and the broker own them, never the end points.
-_HOP_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te",
-    "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect", "http2-settings",
-})
+_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+        "http2-settings",
+    }
+)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -107,8 +120,9 @@ class _PumpState:
 class ProxyServer:
     """Serves proxy clients on one loopback address; each connection is handled on its own."""
 
-    def __init__(self, ctx: Context, *, recv_wait: float | None = None,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self, ctx: Context, *, recv_wait: float | None = None, max_connections: int = MAX_CONNECTIONS
+    ) -> None:
         self._ctx = ctx
         # A long-poll must come back well inside the SDK's request timeout.
         self._wait = recv_wait if recv_wait is not None else max(0.5, min(10.0, ctx.timeout / 2))
@@ -159,8 +173,9 @@ class ProxyServer:
         elif target.lower().startswith("http://"):
             await self._forward(method, target, headers, reader, writer)
         else:
-            raise _ProxyRefusal(400, "invalid_request",
-                                "this is a proxy: send CONNECT host:port or an absolute http:// URL")
+            raise _ProxyRefusal(
+                400, "invalid_request", "this is a proxy: send CONNECT host:port or an absolute http:// URL"
+            )
 
     async def _request(self, args: dict[str, Any]) -> Any:
         """One broker request; `rate_limited` (refused before anything ran) is retried with backoff."""
@@ -196,8 +211,9 @@ class ProxyServer:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._ctx.request("network", {"op": "close", "tunnel": tunnel}), 5)
 
-    async def _pump(self, tunnel: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    state: _PumpState) -> None:
+    async def _pump(
+        self, tunnel: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: _PumpState
+    ) -> None:
         async def op(args: dict[str, Any]) -> Any:
             try:
                 answer = await self._request(args)
@@ -248,8 +264,14 @@ class ProxyServer:
             await asyncio.gather(up_task, down_task, return_exceptions=True)
 
     # -- plain HTTP ------------------------------------------------------------------------------
-    async def _forward(self, method: str, url: str, headers: list[tuple[str, str]],
-                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _forward(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
         names = {n.lower() for n, _ in headers}
         connection_tokens = {
             t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")
@@ -265,8 +287,13 @@ class ProxyServer:
                 continue
             joiner = "; " if low == "cookie" else ", "
             forwarded[name] = f"{forwarded[name]}{joiner}{value}" if name in forwarded else value
-        args: dict[str, Any] = {"op": "fetch", "method": method, "url": url, "headers": forwarded,
-                                "follow_redirects": False}
+        args: dict[str, Any] = {
+            "op": "fetch",
+            "method": method,
+            "url": url,
+            "headers": forwarded,
+            "follow_redirects": False,
+        }
         if body:
             args["body"] = body
         try:
@@ -352,20 +379,25 @@ def _reason(status: int) -> str:
 
 async def _respond_error(writer: asyncio.StreamWriter, status: int, code: str, message: str) -> None:
     body = f"rumi: {code}: {message}\n".encode()
-    head = (f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"X-Rumi-Error: {code}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"X-Rumi-Error: {code}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
     with contextlib.suppress(ConnectionError, OSError, RuntimeError):
         writer.write(head.encode("latin-1") + body)
         await asyncio.wait_for(writer.drain(), 5)
 
 
-async def serve_proxy(ctx: Context, listen: str, *,
-                      task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED) -> None:
+async def serve_proxy(
+    ctx: Context, listen: str, *, task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED
+) -> None:
     """Listen on `listen` (loopback `host:port`) and serve until cancelled; `started()` gets the address."""
     host, port = parse_listen(listen)
     server = ProxyServer(ctx)
     bound = await server.start(host, port)
-    log.info("HTTP(S) proxy for unmodified clients on %s:%d (component %s)", bound[0], bound[1], ctx.component_id)
+    log.info(
+        "HTTP(S) proxy for unmodified clients on %s:%d (component %s)", bound[0], bound[1], ctx.component_id
+    )
     try:
         task_status.started(bound)
         await anyio.sleep_forever()

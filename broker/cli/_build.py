@@ -14,7 +14,12 @@ from .._workspace import Workspace
 from ._common import RootOption, fail, workspace
 
 PrefixOption = Annotated[
-    str, typer.Option("--prefix", envvar="RUMI_IMAGE_PREFIX", help="Image name prefix: images are <prefix>-nats, <prefix>-base, ...")
+    str,
+    typer.Option(
+        "--prefix",
+        envvar="RUMI_IMAGE_PREFIX",
+        help="Image name prefix: images are <prefix>-nats, <prefix>-base, ...",
+    ),
 ]
 PacksArgument = Annotated[
     list[str] | None, typer.Argument(help="Packs (directories under ecosystem/); default: all of them.")
@@ -24,7 +29,9 @@ PacksArgument = Annotated[
 def _pack_ids(ws: Workspace, packs: list[str] | None) -> list[str]:
     chosen = sorted(set(packs)) if packs else ws.pack_ids()
     if not chosen and not packs:
-        typer.echo(f"no Packs in {ws.ecosystem} (a Pack is ecosystem/<id>/pack.json); building shared images only")
+        typer.echo(
+            f"no Packs in {ws.ecosystem} (a Pack is ecosystem/<id>/pack.json); building shared images only"
+        )
     return chosen
 
 
@@ -41,7 +48,9 @@ def register(app: typer.Typer) -> None:
         packs: PacksArgument = None,
         root: RootOption = None,
         prefix: PrefixOption = "rumi",
-        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every docker build step.")] = False,
+        verbose: Annotated[
+            bool, typer.Option("--verbose", "-v", help="Show every docker build step.")
+        ] = False,
     ) -> None:
         """Build the NATS, Python base, base, sandbox and Pack images (works with no registry)."""
         import docker.errors
@@ -69,13 +78,26 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"      {message}")
 
         shared: list[tuple[str, str, Callable[[], str]]] = [
-            ("nats", images.image_tag("nats", prefix), lambda: images.build_nats_image(client, prefix, detail)),
-            ("python", images.image_tag("python", prefix),
-             lambda: images.build_python_base(client, prefix, detail, cfg.allow_pull)),
-            ("base", images.image_tag("base", prefix),
-             lambda: images.build_base_image(client, prefix, detail, cfg.allow_pull)),
-            ("sandbox", images.image_tag("sandbox", prefix),
-             lambda: images.build_sandbox_image(client, prefix, detail)),
+            (
+                "nats",
+                images.image_tag("nats", prefix),
+                lambda: images.build_nats_image(client, prefix, detail),
+            ),
+            (
+                "python",
+                images.image_tag("python", prefix),
+                lambda: images.build_python_base(client, prefix, detail, cfg.allow_pull),
+            ),
+            (
+                "base",
+                images.image_tag("base", prefix),
+                lambda: images.build_base_image(client, prefix, detail, cfg.allow_pull),
+            ),
+            (
+                "sandbox",
+                images.image_tag("sandbox", prefix),
+                lambda: images.build_sandbox_image(client, prefix, detail),
+            ),
         ]
         total = len(shared) + len(pack_ids)
         libc = "glibc 2.36"
@@ -92,8 +114,10 @@ def register(app: typer.Typer) -> None:
             if image.id == before:
                 typer.echo(f"[{step}/{total}] {tag}: reusing {image.short_id.split(':')[-1]}")
             else:
-                typer.echo(f"[{step}/{total}] {tag}: built {image.short_id.split(':')[-1]} "
-                           f"({_mb(image.attrs.get('Size', 0))}) in {time.monotonic() - t0:.1f}s")
+                typer.echo(
+                    f"[{step}/{total}] {tag}: built {image.short_id.split(':')[-1]} "
+                    f"({_mb(image.attrs.get('Size', 0))}) in {time.monotonic() - t0:.1f}s"
+                )
             if kind == "python":
                 libc = str((image.labels or {}).get(images.LABEL_LIBC) or "glibc 2.36")
         try:
@@ -115,8 +139,10 @@ def register(app: typer.Typer) -> None:
             if built.reused:
                 typer.echo(f"{label}: reusing {short}")
             else:
-                typer.echo(f"{label}: built {short} ({_mb(built.size)}, {_mb(built.layer_size)} above the base) "
-                           f"in {built.seconds:.1f}s")
+                typer.echo(
+                    f"{label}: built {short} ({_mb(built.size)}, {_mb(built.layer_size)} above the base) "
+                    f"in {built.seconds:.1f}s"
+                )
         if failed:
             fail(f"{failed} of {len(pack_ids)} Pack image(s) failed to build")
         typer.echo(f"done in {time.monotonic() - started:.1f}s")

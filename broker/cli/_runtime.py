@@ -63,7 +63,9 @@ def _human_bytes(n: int) -> str:
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -71,11 +73,17 @@ def register(app: typer.Typer) -> None:
 
     @app.command("up")
     def up_cmd(
-        packs: Annotated[list[str] | None, typer.Argument(help="Packs to start (default: every Pack in ecosystem/).")] = None,
+        packs: Annotated[
+            list[str] | None, typer.Argument(help="Packs to start (default: every Pack in ecosystem/).")
+        ] = None,
         root: RootOption = None,
-        build: Annotated[bool, typer.Option("--build/--no-build", help="Build (or reuse) images first.")] = True,
+        build: Annotated[
+            bool, typer.Option("--build/--no-build", help="Build (or reuse) images first.")
+        ] = True,
         prefix: PrefixOption = DEFAULT_PREFIX,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for the Packs to become healthy.")] = 90.0,
+        timeout: Annotated[
+            float, typer.Option(help="Seconds to wait for the Packs to become healthy.")
+        ] = 90.0,
     ) -> None:
         """Start NATS, the broker and the Pack containers (with their networks and host guard)."""
         with _one_line_errors():
@@ -112,8 +120,16 @@ def register(app: typer.Typer) -> None:
         if status.containers:
             rows = [["CONTAINER", "ROLE", "STATE", "HEALTH", "ADDRESSES", "PORTS"]]
             for c in status.containers:
-                rows.append([c.name, c.role, c.state, c.health or "-",
-                             ",".join(sorted(c.addresses.values())) or "-", ",".join(c.ports) or "-"])
+                rows.append(
+                    [
+                        c.name,
+                        c.role,
+                        c.state,
+                        c.health or "-",
+                        ",".join(sorted(c.addresses.values())) or "-",
+                        ",".join(c.ports) or "-",
+                    ]
+                )
             typer.echo(_table(rows))
         else:
             typer.echo("No containers (run `rumi up`).")
@@ -132,9 +148,13 @@ def register(app: typer.Typer) -> None:
         pack: Annotated[str | None, typer.Argument(help="The Pack whose container log to show.")] = None,
         root: RootOption = None,
         follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
-        tail: Annotated[int | None, typer.Option("--tail", "-n", help="Only the last N lines.", min=0)] = None,
+        tail: Annotated[
+            int | None, typer.Option("--tail", "-n", help="Only the last N lines.", min=0)
+        ] = None,
         nats: Annotated[bool, typer.Option("--nats", help="The NATS container's log instead.")] = False,
-        broker: Annotated[bool, typer.Option("--broker", help="The broker's log (docker/.rumi/broker.log).")] = False,
+        broker: Annotated[
+            bool, typer.Option("--broker", help="The broker's log (docker/.rumi/broker.log).")
+        ] = False,
     ) -> None:
         """Print a Pack's container log (or the NATS container's, or the broker's)."""
         if sum((pack is not None, nats, broker)) != 1:
@@ -168,7 +188,9 @@ def register(app: typer.Typer) -> None:
             return
         rows = [["CONTAINER", "ROLE", "MEMORY", "LIMIT", "PIDS"]]
         for s in samples:
-            rows.append([s.name, s.role, _human_bytes(s.memory_bytes), _human_bytes(s.memory_limit), str(s.pids)])
+            rows.append(
+                [s.name, s.role, _human_bytes(s.memory_bytes), _human_bytes(s.memory_limit), str(s.pids)]
+            )
         typer.echo(_table(rows))
 
     @app.command("doctor")
@@ -263,7 +285,8 @@ def run_doctor(ws: Workspace, *, prefix: str = DEFAULT_PREFIX, fix: bool = False
         return checks
     note = (
         " (before 26: internal networks' DNS is forwarded; Rumi points Pack DNS at a dead address)"
-        if _engine_major(major) < 26 else ""
+        if _engine_major(major) < 26
+        else ""
     )
     checks.append(Check("OK", "engine", f"Docker {major}, API {api}{note}"))
     checks.extend(_check_images(rt))
@@ -290,7 +313,10 @@ def _check_policy(ws: Workspace) -> list[Check]:
         return [Check("FAIL", "policy", str(exc), "fix the file named")]
     if not errors:
         return [Check("OK", "policy", "handlers, scopes and grants load without errors")]
-    return [Check("FAIL", "policy", str(e), "fix or remove that file (its component stays denied)") for e in errors]
+    return [
+        Check("FAIL", "policy", str(e), "fix or remove that file (its component stays denied)")
+        for e in errors
+    ]
 
 
 def _check_images(rt: DockerRuntime) -> list[Check]:
@@ -319,7 +345,14 @@ def _check_nats(rt: DockerRuntime) -> list[Check]:
             return embedded
         return [Check("FAIL", "nats", "the NATS container is not running", "run `rumi up`")]
     if container.status != "running":
-        return [Check("FAIL", "nats", f"{container.name} is {container.status}", "run `rumi up` (`rumi logs --nats`)")]
+        return [
+            Check(
+                "FAIL",
+                "nats",
+                f"{container.name} is {container.status}",
+                "run `rumi up` (`rumi logs --nats`)",
+            )
+        ]
     try:
         url = nats_url(rt.ws)
     except RumiError as exc:
@@ -336,7 +369,9 @@ def _check_embedded(ws: Workspace) -> list[Check]:
     pid = _running_pid(ws)
     if pid is None:
         return []
-    return [Check("OK", "nats", f"embedded nats-server (pid {pid}) of `rumi broker`; nothing is containerised")]
+    return [
+        Check("OK", "nats", f"embedded nats-server (pid {pid}) of `rumi broker`; nothing is containerised")
+    ]
 
 
 def _check_broker(ws: Workspace) -> list[Check]:
@@ -346,7 +381,9 @@ def _check_broker(ws: Workspace) -> list[Check]:
     if pid is not None:
         return [Check("OK", "broker", f"running (pid {pid}, log {broker_log_file(ws)})")]
     if _running_pid(ws) is not None:
-        return [Check("OK", "broker", "`rumi broker` runs in the foreground somewhere (embedded server found)")]
+        return [
+            Check("OK", "broker", "`rumi broker` runs in the foreground somewhere (embedded server found)")
+        ]
     return [Check("FAIL", "broker", "not running", "run `rumi up`")]
 
 
@@ -371,10 +408,18 @@ def _check_guard(rt: DockerRuntime, fix: bool) -> list[Check]:
                 out.append(Check("OK", f"guard {pack_id}", f"{status.bridge}: installed now"))
                 continue
         if status.active:
-            out.append(Check("OK", f"guard {pack_id}", f"{status.bridge}: INPUT dropped (IPv4, IPv6), IPv6 off"))
+            out.append(
+                Check("OK", f"guard {pack_id}", f"{status.bridge}: INPUT dropped (IPv4, IPv6), IPv6 off")
+            )
         else:
-            out.append(Check("FAIL", f"guard {pack_id}", f"{status.bridge}: missing {', '.join(status.missing())}",
-                             "run `rumi doctor --fix`"))
+            out.append(
+                Check(
+                    "FAIL",
+                    f"guard {pack_id}",
+                    f"{status.bridge}: missing {', '.join(status.missing())}",
+                    "run `rumi doctor --fix`",
+                )
+            )
     return out
 
 
@@ -386,9 +431,17 @@ def _check_packs(rt: DockerRuntime) -> list[Check]:
         if c.state == "running" and c.health == "healthy":
             out.append(Check("OK", f"pack {c.pack_id}", f"{c.name} healthy"))
         else:
-            out.append(Check("FAIL", f"pack {c.pack_id}", f"{c.name} {c.state}, health {c.health or '-'}",
-                             f"see `rumi logs {c.pack_id}`, then `rumi up`"))
+            out.append(
+                Check(
+                    "FAIL",
+                    f"pack {c.pack_id}",
+                    f"{c.name} {c.state}, health {c.health or '-'}",
+                    f"see `rumi logs {c.pack_id}`, then `rumi up`",
+                )
+            )
     for n in status.networks:
         if n.role == "pack-network" and not n.internal:
-            out.append(Check("FAIL", f"network {n.name}", "is not internal", "run `rumi down` then `rumi up`"))
+            out.append(
+                Check("FAIL", f"network {n.name}", "is not internal", "run `rumi down` then `rumi up`")
+            )
     return out

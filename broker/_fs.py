@@ -385,7 +385,8 @@ def _grant_directories(context: Mapping[str, Any]) -> list[str]:
     return [d for d in dirs if isinstance(d, str)]
 
 
-def _protected(context: Mapping[str, Any]) -> ProtectedSet:
+def protected_set(context: Mapping[str, Any]) -> ProtectedSet:
+    """The handler context's protected-path set; derived from the workspace if absent, else refuse."""
     protected = context.get("protected")
     if isinstance(protected, ProtectedSet):
         return protected
@@ -396,7 +397,7 @@ def _protected(context: Mapping[str, Any]) -> ProtectedSet:
 
         pack_id = context.get("pack_id")
         return ProtectedSet.for_pack(Workspace.at(root), pack_id if isinstance(pack_id, str) else None)
-    raise HandlerFailed("the broker gave no protected-path set; file access is refused")
+    raise HandlerFailed("the broker gave no protected-path set; the request is refused")
 
 
 def _open_root(grant_dir: str) -> int:
@@ -469,7 +470,7 @@ def read_beneath(context: Mapping[str, Any], path: str, max_bytes: int) -> bytes
     Refuses escapes, magic links, protected paths, non-regular files; TooLarge over `max_bytes`.
     """
     grant_dir, rel = find_grant_root(path, _grant_directories(context))
-    protected = _protected(context)
+    protected = protected_set(context)
     root_fd = _open_root(grant_dir)
     try:
         return _read(root_fd, rel, max_bytes, protected)
@@ -547,7 +548,7 @@ def write_beneath(context: Mapping[str, Any], path: str, data: bytes, max_bytes:
     dir_part, name = _split(rel)
     if name in (".", ".."):
         raise InvalidRequest("path must end with a file name")
-    protected = _protected(context)
+    protected = protected_set(context)
     root_fd = _open_root(grant_dir)
     try:
         return _write(root_fd, dir_part, name, bytes(data), protected)

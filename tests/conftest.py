@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -82,3 +84,25 @@ async def connected_pack(ws: Workspace, pack_id: str = "default") -> AsyncIterat
         yield pack
     finally:
         await nc.close()
+
+
+def docker_engine(timeout: int = 60) -> Any:
+    """A Docker client, or skip (fail when CI=true) with what to do."""
+    import docker
+
+    try:
+        client = docker.from_env(version="auto", timeout=timeout)
+        client.ping()
+    except Exception as exc:
+        message = f"no Docker engine answers ({str(exc).splitlines()[0][:160]}); run scripts/ensure-docker.sh"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return client
+
+
+def say(pytestconfig: pytest.Config, text: str) -> None:
+    """Print past pytest's capture: measurements belong in the CI log."""
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        print(text, flush=True)

@@ -31,6 +31,8 @@ from broker._init import init_workspace
 from broker._runtime import pack_uid, workspace_tag
 from broker._workspace import RumiConfig, Workspace
 
+from .conftest import docker_engine, say
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -289,20 +291,7 @@ def test_cli_compose(ws: Workspace) -> None:
 # ----------------------------------------------------------------------------------- engine
 
 
-def _engine() -> Any:
-    """A Docker client, or skip (fail under CI) with what to do."""
-    import docker
-
-    try:
-        client = docker.from_env(version="auto")
-        client.ping()
-    except Exception as exc:
-        message = f"no Docker engine answers ({str(exc).splitlines()[0][:160]}); run scripts/ensure-docker.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return client
-
+_engine = docker_engine
 
 def _compose_binary() -> str:
     found = shutil.which("docker-compose")
@@ -314,11 +303,7 @@ def _compose_binary() -> str:
     return found
 
 
-def _say(pytestconfig: pytest.Config, text: str) -> None:
-    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():  # type: ignore[union-attr]
-        print(text, flush=True)
-
+_say = say
 
 def _free_port() -> int:
     import socket

@@ -23,6 +23,8 @@ import pytest
 
 from broker import _images as images
 
+from .conftest import docker_engine, say
+
 MB = 1_000_000
 
 
@@ -102,20 +104,7 @@ def test_write_tar_keeps_links_and_owners(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- engine
 
 
-def _engine() -> Any:
-    """A Docker client, or skip (fail under CI) with what to do."""
-    import docker
-
-    try:
-        client = docker.from_env(version="auto")
-        client.ping()
-    except Exception as exc:
-        message = f"no Docker engine answers ({str(exc).splitlines()[0][:160]}); run scripts/ensure-docker.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return client
-
+_engine = docker_engine
 
 @dataclass
 class Built:
@@ -125,12 +114,7 @@ class Built:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _say(pytestconfig: pytest.Config, text: str) -> None:
-    """Print past pytest's capture: build sizes and times belong in the CI log."""
-    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():
-        print(text, flush=True)
-
+_say = say
 
 @pytest.fixture(scope="module")
 def built(pytestconfig: pytest.Config) -> Iterator[Built]:

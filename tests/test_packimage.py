@@ -33,6 +33,8 @@ from broker._init import init_workspace
 from broker._runtime import pack_uid
 from broker._workspace import Workspace
 
+from .conftest import docker_engine, say
+
 MB = 1_000_000
 
 
@@ -239,27 +241,9 @@ def test_stage_base_context_fills_docker_base(ws: Workspace) -> None:
 # ----------------------------------------------------------------------------------- engine
 
 
-def _engine() -> Any:
-    """A Docker client, or skip (fail under CI) with what to do."""
-    import docker
+_engine = docker_engine
 
-    try:
-        client = docker.from_env(version="auto")
-        client.ping()
-    except Exception as exc:
-        message = f"no Docker engine answers ({str(exc).splitlines()[0][:160]}); run scripts/ensure-docker.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return client
-
-
-def _say(pytestconfig: pytest.Config, text: str) -> None:
-    """Print past pytest's capture: sizes and times belong in the CI log."""
-    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():  # type: ignore[union-attr]
-        print(text, flush=True)
-
+_say = say
 
 def _cli() -> typer.Typer:
     from broker.cli import _build

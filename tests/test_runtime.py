@@ -37,7 +37,7 @@ from broker._runtime import workspace_tag
 from broker._workspace import Workspace
 from broker.cli import app
 
-from .conftest import free_port
+from .conftest import docker_engine, free_port, say
 
 MB = 1_000_000
 N = ipaddress.IPv4Network
@@ -239,27 +239,12 @@ def test_guard_install_is_idempotent_and_removal_is_exact(scratch_bridge: str) -
 
 def _engine() -> Any:
     """A Docker client (and root, for the guard), or skip (fail under CI) with what to do."""
-    import docker
-
-    try:
-        # Removing images can take a while on a busy engine: a generous read timeout.
-        client = docker.from_env(version="auto", timeout=300)
-        client.ping()
-    except Exception as exc:
-        message = f"no Docker engine answers ({str(exc).splitlines()[0][:160]}); run scripts/ensure-docker.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    # Removing images can take a while on a busy engine: a generous read timeout.
+    client = docker_engine(timeout=300)
     _need_root_and_iptables()
     return client
 
-
-def _say(pytestconfig: pytest.Config, text: str) -> None:
-    """Print past pytest's capture: measurements belong in the CI log."""
-    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():
-        print(text, flush=True)
-
+_say = say
 
 @dataclass
 class Images:

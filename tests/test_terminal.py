@@ -28,6 +28,8 @@ from broker._errors import Denied, HandlerFailed, InvalidRequest, RateLimited, U
 from broker._fs import ProtectedSet
 from broker._workspace import Workspace
 
+from .conftest import docker_engine, say
+
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 PACK = "default"
 SECRET = b"HOST-SECRET-7f3a"
@@ -96,20 +98,7 @@ def run(ws: Workspace, grant_dir: Path, argv: list[str], **kw: Any) -> dict[str,
 # ------------------------------------------------------------------------------------ engine fixture
 
 
-def _engine() -> Any:
-    """A Docker client, or skip (fail under CI) with what to do."""
-    try:
-        from docker.client import from_env
-
-        client = from_env(version="auto")
-        client.ping()
-    except Exception as exc:
-        message = f"no Docker engine answers ({str(exc).splitlines()[0][:160]}); run scripts/ensure-docker.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return client
-
+_engine = docker_engine
 
 def _leftovers(client: Any) -> list[Any]:
     return list(
@@ -138,12 +127,7 @@ def engine(pytestconfig: pytest.Config) -> Iterator[Any]:
     assert not left, f"{len(left)} sandbox containers left behind"
 
 
-def _say(pytestconfig: pytest.Config, text: str) -> None:
-    """Print past pytest's capture: measured numbers belong in the CI log."""
-    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():  # type: ignore[union-attr]
-        print(text, flush=True)
-
+_say = say
 
 # ------------------------------------------------------------------------------- no engine needed
 

@@ -20,7 +20,7 @@ import msgspec
 
 from broker import _sandbox
 from broker._errors import Denied, HandlerFailed, InvalidRequest
-from broker._fs import ProtectedSet, find_grant_root
+from broker._fs import find_grant_root, protected_set
 from broker._ids import is_pack_id
 
 MAX_ARGS = 1024
@@ -143,19 +143,6 @@ def _scope(grant: dict[str, Any]) -> _ScopeConfig:
         raise HandlerFailed(f"the terminal scope is invalid ({exc}); ask the admin to fix it") from None
 
 
-def _protected(context: dict[str, Any]) -> ProtectedSet:
-    protected = context.get("protected")
-    if isinstance(protected, ProtectedSet):
-        return protected
-    root = context.get("workspace_root")
-    if isinstance(root, str) and root:
-        # Fail closed: without the broker's set, derive it from the workspace.
-        from broker._workspace import Workspace
-
-        pack_id = context.get("pack_id")
-        return ProtectedSet.for_pack(Workspace.at(root), pack_id if isinstance(pack_id, str) else None)
-    raise HandlerFailed("the broker gave no protected-path set; terminal is refused")
-
 
 def _timeout(requested: float | None, scope: _ScopeConfig, limits: dict[str, Any]) -> float:
     """The command's timeout: asked (else the scope's), at most max_timeout, inside the broker's limit."""
@@ -230,7 +217,7 @@ def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         raise HandlerFailed("the broker gave no valid pack id; terminal is refused")
     with (
         _sandbox.command_slot(pack_id, scope.max_concurrent),
-        _sandbox.open_granted_directories(directories, _protected(context)) as granted,
+        _sandbox.open_granted_directories(directories, protected_set(context)) as granted,
     ):
         home, _ = find_grant_root(cwd, [g.path for g in granted])
         owner = next(g for g in granted if g.path == home)

@@ -12,7 +12,6 @@ capacity limit, never inside a nats-py callback, so a flood cannot block the rea
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
@@ -20,7 +19,6 @@ import secrets
 import signal
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,6 +26,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from . import _errors as errors
+from ._audit import utc_timestamp
 from ._ids import CAPABILITY_RE, PACK_ID_RE
 from ._protocol import (
     BROKER_QUEUE,
@@ -50,11 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("rumi.broker")
 
 MAX_TARGET = 256
-
-
-def utc_now() -> str:
-    """RFC 3339 timestamp, UTC, microseconds."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def pack_account(pack_id: str) -> str:
@@ -102,7 +96,7 @@ class RequestRecord:
     def fields(self, decision: str, code: str, **extra: Any) -> dict[str, Any]:
         event: dict[str, Any] = {
             "v": 1,
-            "ts": utc_now(),
+            "ts": utc_timestamp(),
             "request_id": self.request_id,
             "pack_id": self.pack_id,
             "component_id": self.component_id,
@@ -408,7 +402,3 @@ async def run_broker(ws: Workspace, *, embedded: bool | None = None, port: int |
     finally:
         if server is not None:
             server.stop()
-
-
-def _is_async(fn: Any) -> bool:
-    return inspect.iscoroutinefunction(fn)

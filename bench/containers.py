@@ -56,6 +56,9 @@ def main() -> None:
             layer = pack_layer_size(client, "default", a.prefix)
         finally:
             runtime.down()
+            # The bench's own Pack images (the copies); the shared images stay for reuse.
+            for pid in ids[1:]:
+                docker_client().images.remove(f"{a.prefix}-pack-{pid}:latest", noprune=False)
     starts = [p.seconds_to_healthy for p in report.packs]
     packs = [s for s in stats if s.role == "pack"]
     mem = [s.memory_bytes / MB for s in packs]

@@ -126,6 +126,8 @@ def grant_cmd(
     """Grant PERMISSION to COMPONENT (adds to or creates docker/grants/COMPONENT.json)."""
     _component(component)
     ws = workspace(root)
+    if not ws.handlers.is_dir():
+        fail(f"no workspace at {ws.root}: run `rumi init` first (or pass --root)")
     registry = HandlerRegistry(ws.handlers)
     plugin = registry.get(permission)
     if plugin is None:

@@ -57,6 +57,7 @@ __all__ = [
     "find_nats_server_binary",
     "image_sizes",
     "image_tag",
+    "install_wheels",
     "remove_images",
 ]
 
@@ -1130,6 +1131,34 @@ def _fetch_wheels(
     return wheels, files
 
 
+def install_wheels(
+    requirements: Sequence[str], wheels: Path, platforms: Sequence[str], site: Path, *, what: str
+) -> None:
+    """pip install --target from local wheels only, on the host: unpacking runs no package code."""
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-compile",
+            "--no-index",
+            "--find-links",
+            str(wheels),
+            "--target",
+            str(site),
+            *_platform_args(platforms),
+            *requirements,
+        ],
+        what=what,
+        env=_pip_env(True),
+        timeout=600,
+    )
+    # Console scripts carry the host's interpreter in their shebang: useless in an image.
+    shutil.rmtree(site / "bin", ignore_errors=True)
+
+
 def _pack_runtime_dir() -> Path | None:
     """The ``pack_runtime`` package directory, when it exists (with an ``__init__.py``)."""
     spec = importlib.util.find_spec("pack_runtime")
@@ -1192,26 +1221,7 @@ def build_base_image(
         work = Path(tmp)
         site = work / "site-packages"
         progress(f"base: installing {len(wheel_files)} wheels into site-packages (host, no index)")
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--no-compile",
-                "--no-index",
-                "--find-links",
-                str(wheels),
-                "--target",
-                str(site),
-                *_platform_args(platforms),
-                *requirements,
-            ],
-            what="pip install --target",
-            env=_pip_env(True),
-        )
-        _remove(site / "bin")  # console scripts with the host's shebang: useless in the image
+        install_wheels(requirements, wheels, platforms, site, what="pip install --target")
         lib = work / "lib"
         lib.mkdir()
         if runtime is not None:

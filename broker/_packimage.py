@@ -63,6 +63,7 @@ from ._images import (
     build_base_image,
     default_cache_dir,
     image_tag,
+    install_wheels,
 )
 from ._runtime import LABEL_PACK
 from ._workspace import Workspace
@@ -716,8 +717,7 @@ def stage_base_context(
     tmp = Path(tempfile.mkdtemp(prefix=".stage-", dir=base))
     try:
         site = tmp / "site-packages"
-        _run_pip_install(RUNTIME_REQUIREMENTS, wheels, platforms, site)
-        shutil.rmtree(site / "bin", ignore_errors=True)
+        install_wheels(RUNTIME_REQUIREMENTS, wheels, platforms, site, what="staging docker/base: pip install")
         _normalise_tree(site)
         lib = tmp / "lib"
         lib.mkdir()
@@ -733,36 +733,3 @@ def stage_base_context(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return base
-
-
-def _run_pip_install(requirements: Sequence[str], wheels: Path, platforms: Sequence[str], site: Path) -> None:
-    """pip install --target from local wheels only (host; unpacking runs no package code)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-compile",
-        "--no-index",
-        "--find-links",
-        str(wheels),
-        "--target",
-        str(site),
-        *_platform_args(platforms),
-        *requirements,
-    ]
-    done = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        env=_pip_env(True),
-    )
-    if done.returncode != 0:
-        lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
-        raise ImageBuildError(
-            f"staging docker/base: pip install failed: {lines[-1] if lines else done.returncode}"
-        )

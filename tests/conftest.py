@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -38,6 +40,7 @@ def ws(tmp_path: Path) -> Workspace:
     other = workspace.ecosystem / "other"
     other.mkdir()
     (other / "pack.json").write_text('{"id": "other", "version": "0.1.0"}')
+    (other / "main.py").write_text("print('other')\n")
     return workspace
 
 
@@ -106,3 +109,14 @@ def say(pytestconfig: pytest.Config, text: str) -> None:
     capman = pytestconfig.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled():
         print(text, flush=True)
+
+
+def load_handler(name: str) -> ModuleType:
+    """A shipped handler file (config/handlers/<name>.py), loaded by path as the broker loads plugins."""
+    spec = importlib.util.spec_from_file_location(
+        f"rumi_test_handler_{name}", REPO / "config" / "handlers" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

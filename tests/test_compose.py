@@ -46,16 +46,6 @@ def _config(ws: Workspace, **changes: Any) -> None:
     ws.config_file.write_text(json.dumps(cfg))
 
 
-@pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    workspace = Workspace.at(tmp_path / "ws")
-    init_workspace(workspace)
-    other = workspace.ecosystem / "other"
-    other.mkdir()
-    (other / "pack.json").write_text('{"id": "other", "version": "0.1.0"}')
-    (other / "main.py").write_text("print('other')\n")
-    return workspace
-
 
 # ------------------------------------------------------------------------------ no engine needed
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import msgspec
@@ -16,18 +14,13 @@ from broker._errors import Denied, HandlerFailed, InvalidRequest, TooLarge
 from broker._fs import ProtectedSet
 from broker._workspace import Workspace
 
+from .conftest import load_handler
+
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 SECRET_VALUE = "sk-VERY-SECRET-VALUE-42"
 
 
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        f"rumi_test_handler_{name}", CONFIG / "handlers" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load = load_handler
 
 
 def scope(name: str) -> dict[str, Any]:

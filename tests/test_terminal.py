@@ -7,7 +7,6 @@ where that is a failure: run ``scripts/ensure-docker.sh`` first. The others need
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import msgspec
@@ -28,7 +26,7 @@ from broker._errors import Denied, HandlerFailed, InvalidRequest, RateLimited, U
 from broker._fs import ProtectedSet
 from broker._workspace import Workspace
 
-from .conftest import docker_engine, say
+from .conftest import docker_engine, load_handler, say
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 PACK = "default"
@@ -36,14 +34,7 @@ SECRET = b"HOST-SECRET-7f3a"
 ROOT = os.geteuid() == 0
 
 
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        f"rumi_test_handler_{name}", CONFIG / "handlers" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load = load_handler
 
 
 terminal = load("terminal")

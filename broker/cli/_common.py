@@ -39,3 +39,18 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
         fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def serve_broker(ws: Workspace, *, verbose: bool, embedded: bool | None = None, port: int | None = None) -> None:
+    """Run the broker in this process until SIGTERM (`rumi broker`, and `rumi up`'s detached broker)."""
+    import logging
+
+    from .._service import run_broker
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if not ws.handlers.is_dir():
+        fail(f"no workspace at {ws.root}: run `rumi init` first (or pass --root)")
+    run_async(lambda: run_broker(ws, embedded=embedded, port=port))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import typer
 from .._errors import RumiError, WorkspaceError
 from .._ids import is_pack_id, parse_component_id
 from .._workspace import Workspace
-from ._common import RootOption, fail, run_async, workspace
+from ._common import RootOption, fail, run_async, serve_broker, workspace
 
 
 class PackManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -82,16 +81,7 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
     ) -> None:
         """Run the broker in the foreground (starts the embedded nats-server when no nats_url is configured)."""
-        from .._service import run_broker
-
-        logging.basicConfig(
-            level=logging.DEBUG if verbose else logging.INFO,
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        )
-        ws = workspace(root)
-        if not ws.handlers.is_dir():
-            fail(f"no workspace at {ws.root}: run `rumi init` first (or pass --root)")
-        run_async(lambda: run_broker(ws, port=port))
+        serve_broker(workspace(root), verbose=verbose, port=port)
 
     @app.command("dev")
     def dev_cmd(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from .._docker_runtime import (
 )
 from .._errors import RumiError
 from .._workspace import Workspace
-from ._common import RootOption, fail, run_async, workspace
+from ._common import RootOption, fail, serve_broker, workspace
 
 PrefixOption = Annotated[
     str,
@@ -214,14 +213,7 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
     ) -> None:
         """Run the broker against the NATS container (`rumi up` starts this detached)."""
-        from .._service import run_broker
-
-        logging.basicConfig(
-            level=logging.DEBUG if verbose else logging.INFO,
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        )
-        ws = workspace(root)
-        run_async(lambda: run_broker(ws, embedded=False))
+        serve_broker(workspace(root), verbose=verbose, embedded=False)
 
 
 def _print_file_log(ws: Workspace, *, follow: bool, tail: int | None) -> None:

@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="rumi", help="image name prefix (default: rumi)")
     args = parser.parse_args(argv)
 
-    from broker._compose import write_compose
-    from broker._errors import RumiError
-    from broker._workspace import Workspace
+    from broker.containers.compose import write_compose
+    from broker.core.errors import RumiError
+    from broker.core.workspace import Workspace
 
     ws = Workspace.at(args.root)
     try:

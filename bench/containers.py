@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker._docker_runtime import DockerRuntime, docker_client
-from broker._images import image_sizes
-from broker._init import init_workspace
-from broker._packimage import pack_layer_size
-from broker._workspace import Workspace
+from broker.admin.init import init_workspace
+from broker.containers.engine import DockerRuntime, docker_client
+from broker.containers.images import image_sizes
+from broker.containers.packimage import pack_layer_size
+from broker.core.workspace import Workspace
 
 MB = 1_000_000
 

@@ -24,10 +24,10 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker._creds import pack_identity
-from broker._init import init_workspace
-from broker._natsserver import connect, nats_url
-from broker._workspace import Workspace
+from broker.admin.init import init_workspace
+from broker.bus.creds import pack_identity
+from broker.bus.server import connect, nats_url
+from broker.core.workspace import Workspace
 from pack_runtime import Pack
 
 ECHO = textwrap.dedent("""

@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 import nkeys
 
-from broker._creds import Identity
-from broker._natsserver import EmbeddedServer
-from broker._workspace import RumiConfig, Workspace
+from broker.bus.creds import Identity
+from broker.bus.server import EmbeddedServer
+from broker.core.workspace import RumiConfig, Workspace
 
 T = TypeVar("T")
 

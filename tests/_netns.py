@@ -381,7 +381,7 @@ def scope_defaults() -> dict[str, Any]:
 async def call_network(grant: dict[str, Any], args: dict[str, Any], *, resolver: Any = None,
                        verify: Any = None, broker_timeout: float = 30) -> dict[str, Any]:
     """Run the handler with a hand-built context; a JSON-able outcome (bodies as latin-1 text)."""
-    from broker._errors import RequestError
+    from broker.core.errors import RequestError
 
     handler = load_network_handler()
     audit: dict[str, Any] = {}

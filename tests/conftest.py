@@ -14,8 +14,8 @@ from typing import Any
 import anyio
 import pytest
 
-from broker._init import init_workspace
-from broker._workspace import Workspace
+from broker.admin.init import init_workspace
+from broker.core.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
@@ -47,7 +47,7 @@ def ws(tmp_path: Path) -> Workspace:
 @pytest.fixture
 def nats_server(ws: Workspace) -> Iterator[object]:
     """A real nats-server with this workspace's generated config and the audit stream."""
-    from broker._natsserver import EmbeddedServer, ensure_audit_stream
+    from broker.bus.server import EmbeddedServer, ensure_audit_stream
 
     server = EmbeddedServer(ws, ws.load_config(), port=free_port())
     server.start()
@@ -61,7 +61,7 @@ def nats_server(ws: Workspace) -> Iterator[object]:
 @asynccontextmanager
 async def running_broker(ws: Workspace) -> AsyncIterator[object]:
     """A Broker serving in this event loop; stopped (drained) on exit."""
-    from broker._service import Broker
+    from broker.service.broker import Broker
 
     broker = Broker(ws)
     async with anyio.create_task_group() as tg:
@@ -75,8 +75,8 @@ async def running_broker(ws: Workspace) -> AsyncIterator[object]:
 @asynccontextmanager
 async def connected_pack(ws: Workspace, pack_id: str = "default") -> AsyncIterator[object]:
     """A Pack SDK object connected with that Pack's own credentials."""
-    from broker._creds import pack_identity
-    from broker._natsserver import nats_url
+    from broker.bus.creds import pack_identity
+    from broker.bus.server import nats_url
     from pack_runtime import Pack
 
     pack = Pack(

@@ -23,7 +23,7 @@ from typing import Any
 import nats
 import pytest
 
-from broker._audit import (
+from broker.audit.trail import (
     ZERO_HASH,
     AuditChain,
     AuditWriter,
@@ -38,7 +38,7 @@ from broker._audit import (
     verify_events,
     verify_stream,
 )
-from broker._errors import AuditError, ChainBroken
+from broker.core.errors import AuditError, ChainBroken
 
 STREAM = "RUMI_AUDIT"
 AUDIT_PASSWORD = "audit-test-pw"
@@ -572,8 +572,8 @@ def test_export_events_writes_json_lines() -> None:
 @pytest.fixture
 def workspace_server(tmp_path: Path) -> Iterator[Any]:
     """A workspace whose embedded server runs the generated config (real `audit` nkey identity)."""
-    from broker._natsserver import EmbeddedServer, ensure_audit_stream
-    from broker._workspace import Workspace
+    from broker.bus.server import EmbeddedServer, ensure_audit_stream
+    from broker.core.workspace import Workspace
 
     ws = Workspace.at(tmp_path / "ws")
     ws.docker.mkdir(parents=True)
@@ -587,7 +587,7 @@ def workspace_server(tmp_path: Path) -> Iterator[Any]:
 
 
 async def _write_as_broker(ws: Any, n: int) -> None:
-    from broker._natsserver import connect as ws_connect
+    from broker.bus.server import connect as ws_connect
 
     nc = await ws_connect(ws, "broker", error_cb=_quiet)
     writer = AuditWriter(nc.jetstream(), AuditChain())
@@ -606,7 +606,7 @@ async def _write_as_broker(ws: Any, n: int) -> None:
 def _cli() -> Any:
     from typer.testing import CliRunner
 
-    from broker.cli._audit import audit_app
+    from broker.cli.audit import audit_app
 
     return CliRunner(), audit_app
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker._workspace import Workspace
+from broker.core.workspace import Workspace
 from pack_runtime import BrokerError, PermissionDenied
 
 from .conftest import connected_pack, running_broker
@@ -27,8 +27,8 @@ TOOL = "default:tool:my_tool"
 
 async def audit_events(ws: Workspace, expect: int, timeout: float = 5.0) -> list[dict[str, Any]]:
     """All events in the stream once at least `expect` are there (read as the read-only audit user)."""
-    from broker._audit import read_events
-    from broker._natsserver import connect
+    from broker.audit.trail import read_events
+    from broker.bus.server import connect
 
     nc = await connect(ws, "audit")
     try:
@@ -44,7 +44,7 @@ async def audit_events(ws: Workspace, expect: int, timeout: float = 5.0) -> list
 
 async def raw_request(ws: Workspace, pack_id: str, capability: str, payload: bytes) -> Any:
     """Send bytes as a Pack with raw nats-py (its own credentials) and decode the reply."""
-    from broker._natsserver import connect
+    from broker.bus.server import connect
     from pack_runtime._wire import REPLY_DECODER
 
     nc = await connect(ws, f"pack-{pack_id}", max_reconnect_attempts=0)
@@ -110,8 +110,8 @@ async def test_request_without_the_servers_account_stamp_is_denied(
     ws: Workspace, nats_server: object
 ) -> None:
     """Only requests that came through the Pack's account import count as that Pack's."""
-    from broker._protocol import ENCODER, Request
-    from broker._service import Broker
+    from broker.core.protocol import ENCODER, Request
+    from broker.service.broker import Broker
 
     broker = Broker(ws)
 
@@ -201,7 +201,7 @@ def test_fuzzed_payloads_never_crash_the_broker(fuzz_system: Workspace, payload:
 @pytest.fixture(scope="module")
 def fuzz_system(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One broker subprocess for all fuzz examples (hypothesis reruns the test body many times)."""
-    from broker._init import init_workspace
+    from broker.admin.init import init_workspace
 
     from .conftest import free_port
 
@@ -274,7 +274,7 @@ async def test_revocation_takes_effect_without_restart(ws: Workspace, nats_serve
 
 async def test_jetstream_unavailable_refuses_and_does_nothing(ws: Workspace, nats_server: object) -> None:
     """With the audit stream gone (core NATS still up), an allowed write is refused and not performed."""
-    from broker._natsserver import connect
+    from broker.bus.server import connect
 
     target = Path(f"{ws.pack_sandbox('default')}/never.txt")
     async with running_broker(ws) as broker, connected_pack(ws) as pack:
@@ -333,7 +333,7 @@ async def test_custom_handlers_sync_async_and_failing(ws: Workspace, nats_server
 
 
 async def test_two_brokers_in_a_queue_group_keep_separate_chains(ws: Workspace, nats_server: object) -> None:
-    from broker._audit import verify_events
+    from broker.audit.trail import verify_events
 
     async with running_broker(ws) as b1, running_broker(ws) as b2, connected_pack(ws) as pack:
         ctx = pack.context(TOOL)

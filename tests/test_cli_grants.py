@@ -10,9 +10,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from broker._policy import Policy
-from broker._workspace import Workspace
-from broker.cli._grants import register
+from broker.cli.grants import register
+from broker.core.workspace import Workspace
+from broker.policy.grants import Policy
 
 FILES_HANDLER = """
 from __future__ import annotations

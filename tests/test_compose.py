@@ -23,13 +23,12 @@ from typing import Any
 
 import pytest
 
-from broker import _compose as compose
-from broker import _images as images
-from broker._docker_runtime import DockerRuntime
-from broker._errors import WorkspaceError
-from broker._init import init_workspace
-from broker._runtime import pack_uid, workspace_tag
-from broker._workspace import RumiConfig, Workspace
+from broker.admin.init import init_workspace
+from broker.containers import compose, images
+from broker.containers.engine import DockerRuntime
+from broker.containers.settings import pack_uid, workspace_tag
+from broker.core.errors import WorkspaceError
+from broker.core.workspace import RumiConfig, Workspace
 
 from .conftest import docker_engine, say
 
@@ -156,7 +155,7 @@ def _settings(ws: Workspace, pack_id: str, prefix: str = "rumi") -> dict[str, An
     """The docker SDK settings `rumi up` would use for this Pack (on the Compose network)."""
     cfg = ws.load_config()
     net = compose.compose_networks(cfg, ws.pack_ids(), workspace_tag(ws))[f"pack-{pack_id}"]
-    from broker._packimage import pack_image_tag
+    from broker.containers.packimage import pack_image_tag
 
     return DockerRuntime(ws, prefix=prefix).pack_settings(pack_id, pack_image_tag(pack_id, prefix),
                                                          net.runtime_network(), cfg)
@@ -241,7 +240,7 @@ def test_write_compose_writes_contexts_creds_and_config(ws: Workspace) -> None:
 
 
 def test_write_compose_refuses_while_an_embedded_server_runs(ws: Workspace) -> None:
-    from broker._natsserver import pid_file
+    from broker.bus.server import pid_file
 
     pid_file(ws).write_text(f"{os.getpid()}\n")  # a live pid stands in for the embedded nats-server
     with pytest.raises(compose.ComposeError, match="stop `rumi broker` first"):
@@ -266,7 +265,7 @@ def test_cli_compose(ws: Workspace) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from broker.cli import _build
+    from broker.cli import build as _build
 
     app = typer.Typer()
     _build.register(app)
@@ -305,7 +304,7 @@ def _free_port() -> int:
 
 def _free_pool(client: Any) -> str:
     """A /22 of 10.0.0.0/8 that no Docker network and no host route uses (the runtime's own allocator)."""
-    from broker._docker_runtime import _docker_subnets, allocate_subnet, host_routes
+    from broker.containers.engine import _docker_subnets, allocate_subnet, host_routes
 
     start = 64 + secrets.randbelow(128)  # away from the default pool (10.213/16) and other tests' choices
     used = [*_docker_subnets(client), *host_routes()]

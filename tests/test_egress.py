@@ -1,4 +1,4 @@
-"""broker._egress: grant entries, URL parsing, address classification, pinning, the SSRF corpus.
+"""broker.backends.egress: grant entries, URL parsing, address classification, pinning, the SSRF corpus.
 
 Table tests need no network. The corpus test sends everything through the shipped handler inside a
 loopback-only network namespace (`_netns`), with `allowed_domains: ["*"]` and every port granted.
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import _egress
-from broker._egress import (
+from broker.backends import egress as _egress
+from broker.backends.egress import (
     Address,
     AnyHost,
     EgressPolicy,
@@ -29,7 +29,7 @@ from broker._egress import (
     parse_host_entry,
     refusal_reason,
 )
-from broker._errors import Denied, HandlerFailed, InvalidRequest, RequestError
+from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RequestError
 from tests._netns import CORPORA, Listener, ScriptedResolver, call_network, run_in_netns
 
 HERE = Path(__file__).resolve()

@@ -1,4 +1,4 @@
-"""broker._fs: openat2, grant roots, traversal corpus, symlinks, magic links, races, protected paths."""
+"""broker.backends.files: openat2, grant roots, traversal corpus, symlinks, magic links, races, protected paths."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from broker import _fs
-from broker._errors import Denied, HandlerFailed, InvalidRequest, RequestError, TooLarge, Unavailable
-from broker._fs import (
+from broker.backends import files as _fs
+from broker.backends.files import (
     RESOLVE_BENEATH,
     RESOLVE_NO_MAGICLINKS,
     ProtectedSet,
@@ -24,7 +23,8 @@ from broker._fs import (
     read_beneath,
     write_beneath,
 )
-from broker._workspace import Workspace
+from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RequestError, TooLarge, Unavailable
+from broker.core.workspace import Workspace
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 SECRET = b"TOP-SECRET-OUTSIDE-THE-GRANT"

@@ -10,9 +10,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from broker._errors import Denied, HandlerFailed, InvalidRequest, TooLarge
-from broker._fs import ProtectedSet
-from broker._workspace import Workspace
+from broker.backends.files import ProtectedSet
+from broker.core.errors import Denied, HandlerFailed, InvalidRequest, TooLarge
+from broker.core.workspace import Workspace
 
 from .conftest import load_handler
 

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import pytest
 
-from broker import _images as images
+from broker.containers import images
 
 from .conftest import docker_engine, say
 

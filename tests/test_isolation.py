@@ -34,11 +34,11 @@ from typing import Any
 
 import pytest
 
-from broker import _guard
-from broker._docker_runtime import DockerRuntime, PackNetwork, bridge_name
-from broker._init import init_workspace
-from broker._runtime import labels, pack_uid
-from broker._workspace import Workspace
+from broker.admin.init import init_workspace
+from broker.containers import guard as _guard
+from broker.containers.engine import DockerRuntime, PackNetwork, bridge_name
+from broker.containers.settings import labels, pack_uid
+from broker.core.workspace import Workspace
 
 from .conftest import free_port
 from .test_runtime import _engine, _say
@@ -167,8 +167,8 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    from broker import _images
-    from broker._packimage import build_pack_image
+    from broker.containers import images as _images
+    from broker.containers.packimage import build_pack_image
 
     client = _engine()
     prefix = f"rumi-iso{secrets.token_hex(4)}"
@@ -412,7 +412,7 @@ def test_nats_container_is_hardened_and_bound_to_loopback(deployment: Deployment
     assert hc["Memory"] > 0 and hc["PidsLimit"] > 0 and hc["RestartPolicy"]["MaximumRetryCount"] == 5
     assert a["Config"]["User"] == "65534:65534"
     assert hc["Sysctls"] == {"net.ipv4.ip_forward": "0"}
-    from broker._natsconf import config_dir, jetstream_dir
+    from broker.bus.config import config_dir, jetstream_dir
 
     mounts = {m["Source"]: (m["Destination"], m["RW"]) for m in a["Mounts"]}
     conf, store = str(config_dir(d.ws)), str(jetstream_dir(d.ws))

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from broker._workspace import Workspace
+from broker.core.workspace import Workspace
 
 from .conftest import connected_pack, docker_engine, free_port, running_broker
 
@@ -28,8 +28,8 @@ def nats_container(ws: Workspace) -> Iterator[Any]:
     """rumi-nats started by testcontainers with the runtime's own container settings."""
     from testcontainers.core.container import DockerContainer
 
-    from broker._docker_runtime import DockerRuntime
-    from broker._images import build_nats_image
+    from broker.containers.engine import DockerRuntime
+    from broker.containers.images import build_nats_image
 
     if os.geteuid() != 0:
         pytest.skip("the JetStream directory must be chowned to the image's uid: needs root")
@@ -74,8 +74,8 @@ def nats_container(ws: Workspace) -> Iterator[Any]:
 
 @pytest.mark.anyio
 async def test_broker_and_pack_through_the_rumi_nats_container(ws: Workspace, nats_container: Any) -> None:
-    from broker._audit import read_events
-    from broker._natsserver import connect, ensure_audit_stream
+    from broker.audit.trail import read_events
+    from broker.bus.server import connect, ensure_audit_stream
 
     await ensure_audit_stream(ws)
     wrapped = nats_container.get_wrapped_container()

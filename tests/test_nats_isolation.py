@@ -22,10 +22,9 @@ import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from broker._creds import ensure_identity, pack_identity, pack_identity_name
-from broker._errors import NatsSetupError
-from broker._natsconf import account_name, config_path, render_config, write_config
-from broker._natsserver import (
+from broker.bus.config import account_name, config_path, render_config, write_config
+from broker.bus.creds import ensure_identity, pack_identity, pack_identity_name
+from broker.bus.server import (
     EmbeddedServer,
     connect,
     ensure_audit_stream,
@@ -34,7 +33,8 @@ from broker._natsserver import (
     reload_running,
     url_file,
 )
-from broker._workspace import AccountLimits, RumiConfig, Workspace
+from broker.core.errors import NatsSetupError
+from broker.core.workspace import AccountLimits, RumiConfig, Workspace
 
 from ._nats_fixtures import (
     Collector,

@@ -25,13 +25,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from broker import _images as images
-from broker import _packimage as packimage
-from broker._errors import WorkspaceError
-from broker._images import ImageBuildError
-from broker._init import init_workspace
-from broker._runtime import pack_uid
-from broker._workspace import Workspace
+from broker.admin.init import init_workspace
+from broker.containers import images, packimage
+from broker.containers.images import ImageBuildError
+from broker.containers.settings import pack_uid
+from broker.core.errors import WorkspaceError
+from broker.core.workspace import Workspace
 
 from .conftest import docker_engine, say
 
@@ -246,7 +245,7 @@ _engine = docker_engine
 _say = say
 
 def _cli() -> typer.Typer:
-    from broker.cli import _build
+    from broker.cli import build as _build
 
     app = typer.Typer()
     _build.register(app)

@@ -1,4 +1,4 @@
-"""broker._plugins: handler loading, shape checks (one-line errors), change detection and reload."""
+"""broker.policy.plugins: handler loading, shape checks (one-line errors), change detection and reload."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from broker._errors import PluginError
-from broker._plugins import (
+from broker.core.errors import PluginError
+from broker.policy.plugins import (
     DefaultGrant,
     HandlerRegistry,
     WatchedDirectory,

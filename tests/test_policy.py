@@ -1,4 +1,4 @@
-"""broker._policy: scope and grant validation, protected directories, decide() order, hot reload."""
+"""broker.policy.grants: scope and grant validation, protected directories, decide() order, hot reload."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import anyio
 import pytest
 
-from broker._errors import Denied, GrantError, RequestError, ScopeError, UnknownCapability
-from broker._plugins import HandlerRegistry, load_handlers
-from broker._policy import (
+from broker.core.errors import Denied, GrantError, RequestError, ScopeError, UnknownCapability
+from broker.core.workspace import Workspace
+from broker.policy.grants import (
     GrantStore,
     Policy,
     ScopeStore,
@@ -22,7 +22,7 @@ from broker._policy import (
     load_scopes,
     schema_file_texts,
 )
-from broker._workspace import Workspace
+from broker.policy.plugins import HandlerRegistry, load_handlers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -567,7 +567,7 @@ def test_committed_schema_files_are_current() -> None:
     for name, text in schema_file_texts().items():
         committed = REPO / "config" / "schema" / name
         assert committed.read_text() == text, (
-            f"{committed} is stale: run `python -m broker._policy config/schema`"
+            f"{committed} is stale: run `python -m broker.policy.grants config/schema`"
         )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import pytest
 
-from broker._workspace import Workspace
+from broker.core.workspace import Workspace
 from pack_runtime._proxy import ProxyServer, parse_listen
 from tests._netns import PUBLIC_TEST_ADDRESS, Listener, ScriptedResolver, TestServer, make_pki, run_in_netns
 from tests.conftest import connected_pack, free_port, running_broker
@@ -317,8 +317,8 @@ def test_parse_listen_refuses_non_loopback_or_malformed(text: str) -> None:
 async def test_pack_serve_starts_the_proxy_when_rumi_proxy_listen_is_set(
     ws: Workspace, nats_server: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from broker._creds import pack_identity
-    from broker._natsserver import nats_url
+    from broker.bus.creds import pack_identity
+    from broker.bus.server import nats_url
     from pack_runtime import Pack
 
     plain = TestServer("127.0.0.1")
@@ -343,9 +343,9 @@ async def scenario_names_through_the_proxy(payload: dict[str, Any]) -> dict[str,
     """Whole stack in the namespace: nats-server, broker, Pack, proxy; names from a scripted resolver."""
     import tempfile
 
-    import broker._egress as egress
-    from broker._init import init_workspace
-    from broker._natsserver import EmbeddedServer, ensure_audit_stream
+    import broker.backends.egress as egress
+    from broker.admin.init import init_workspace
+    from broker.bus.server import EmbeddedServer, ensure_audit_stream
 
     pki = payload["pki"]
     server = TestServer(PUBLIC_TEST_ADDRESS, pki=pki)

@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from broker import _guard
-from broker._docker_runtime import (
+from broker.admin.init import init_workspace
+from broker.cli import app
+from broker.containers import guard as _guard
+from broker.containers.engine import (
     DockerRuntime,
     RuntimeSetupError,
     allocate_subnet,
@@ -32,10 +34,8 @@ from broker._docker_runtime import (
     host_routes,
     running_broker_pid,
 )
-from broker._init import init_workspace
-from broker._runtime import workspace_tag
-from broker._workspace import Workspace
-from broker.cli import app
+from broker.containers.settings import workspace_tag
+from broker.core.workspace import Workspace
 
 from .conftest import docker_engine, free_port, say
 
@@ -256,8 +256,8 @@ class Images:
 @pytest.fixture(scope="module")
 def images(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     """NATS, base, sandbox and the example Pack's image under a fresh prefix; removed afterwards."""
-    from broker import _images
-    from broker._packimage import build_pack_image
+    from broker.containers import images as _images
+    from broker.containers.packimage import build_pack_image
 
     client = _engine()
     prefix = f"rumi-rt{secrets.token_hex(4)}"

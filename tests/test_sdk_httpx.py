@@ -12,7 +12,7 @@ import json
 import httpx
 import pytest
 
-from broker._workspace import Workspace
+from broker.core.workspace import Workspace
 from pack_runtime import BrokerTransport
 from pack_runtime._httpx import BrokerTransportError
 from tests._netns import Listener, TestServer

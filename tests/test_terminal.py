@@ -1,7 +1,7 @@
 """The terminal handler: each command in a fresh, confined sandbox container (real containers).
 
 Tests marked ``docker`` run real containers from ``rumi-sandbox:latest`` (built or reused with
-``broker._images.build_sandbox_image``). Without an engine they skip, except under CI (``CI=true``)
+``broker.containers.images.build_sandbox_image``). Without an engine they skip, except under CI (``CI=true``)
 where that is a failure: run ``scripts/ensure-docker.sh`` first. The others need no engine.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from broker import _sandbox
-from broker._errors import Denied, HandlerFailed, InvalidRequest, RateLimited, Unavailable
-from broker._fs import ProtectedSet
-from broker._workspace import Workspace
+from broker.backends import terminal as _sandbox
+from broker.backends.files import ProtectedSet
+from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RateLimited, Unavailable
+from broker.core.workspace import Workspace
 
 from .conftest import docker_engine, load_handler, say
 
@@ -99,7 +99,7 @@ def _leftovers(client: Any) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def engine(pytestconfig: pytest.Config) -> Iterator[Any]:
-    from broker._images import build_sandbox_image, image_tag
+    from broker.containers.images import build_sandbox_image, image_tag
 
     client = _engine()
     lines: list[str] = []

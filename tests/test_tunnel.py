@@ -22,8 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker._errors import Denied, InvalidRequest
-from broker._tunnel import (
+from broker.backends.tunnels import (
     ClientHello,
     FirstFlight,
     MalformedClientHello,
@@ -31,7 +30,8 @@ from broker._tunnel import (
     parse_client_hello,
     tunnel_destination,
 )
-from broker._workspace import Workspace
+from broker.core.errors import Denied, InvalidRequest
+from broker.core.workspace import Workspace
 from pack_runtime import BrokerError, PermissionDenied
 from tests._netns import PUBLIC_TEST_ADDRESS, Listener, ScriptedResolver, TestServer, make_pki, run_in_netns
 from tests.conftest import connected_pack, running_broker
@@ -218,8 +218,8 @@ def write_network_grant(ws: Workspace, component: str, entry: dict[str, Any] | N
 async def network_events(ws: Workspace, expect: int, timeout: float = 6.0,
                          until: Callable[[list[dict[str, Any]]], bool] | None = None) -> list[dict[str, Any]]:
     """The stream's `network` events once at least `expect` are there and `until(events)` holds."""
-    from broker._audit import read_events
-    from broker._natsserver import connect
+    from broker.audit.trail import read_events
+    from broker.bus.server import connect
 
     nc = await connect(ws, "audit")
     try:
@@ -519,8 +519,8 @@ async def test_sni_mismatch_is_refused_before_the_server_sees_a_handshake(
 
 async def scenario_open_by_name(payload: dict[str, Any]) -> dict[str, Any]:
     """The handler called directly (hand-built context, scripted resolver), no broker needed."""
-    import broker._tunnel as tunnels
-    from broker._errors import RequestError
+    import broker.backends.tunnels as tunnels
+    from broker.core.errors import RequestError
     from tests._netns import load_network_handler, scope_defaults
 
     handler = load_network_handler()
@@ -597,7 +597,7 @@ def test_open_by_name_uses_one_vetted_resolution() -> None:
 @pytest.mark.anyio
 async def test_revocation_recheck_hook_closes_an_idle_tunnel() -> None:
     """With a broker that offers `current_grant()`, a revoked tunnel closes without waiting for an op."""
-    from broker._errors import RequestError
+    from broker.core.errors import RequestError
     from tests._netns import load_network_handler, scope_defaults
 
     handler = load_network_handler()

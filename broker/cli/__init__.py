@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from .._errors import RumiError
+from broker.core.errors import RumiError
 
 app = typer.Typer(
     name="rumi",
@@ -18,27 +18,28 @@ app = typer.Typer(
 
 
 def _assemble() -> None:
-    from . import _core
+    from broker.cli import core as _core
 
     _core.register(app)
     try:
-        from . import _grants
+        from broker.cli import grants as _grants
     except ImportError:  # pragma: no cover - during bootstrap only
         pass
     else:
         _grants.register(app)
     try:
-        from ._audit import audit_app
+        from broker.cli.audit import audit_app
     except ImportError:  # pragma: no cover
         pass
     else:
         app.add_typer(audit_app, name="audit", help="Read, verify and export the audit stream.")
-    from . import _build, _demo
+    from broker.cli import build as _build
+    from broker.cli import demo as _demo
 
     _build.register(app)
     _demo.register(app)
     try:
-        from . import _runtime
+        from broker.cli import containers as _runtime
     except ImportError:  # pragma: no cover
         pass
     else:

@@ -1,5 +1,5 @@
 """`python -m broker.cli` = `rumi`."""
 
-from . import main
+from broker.cli import main
 
 main()

@@ -5,7 +5,7 @@ Data: `{"exit_code": int, "stdout": bytes, "stderr": bytes, "timed_out": bool, "
 
 argv is exec form: nothing interprets it. A shell (or another command interpreter) as argv[0], or
 behind a wrapper such as `env`/`timeout`/`xargs`, is refused unless the grant says `"shell": true`.
-That rule states intent, it is not the boundary: the sandbox is (see broker._sandbox and
+That rule states intent, it is not the boundary: the sandbox is (see broker.backends.terminal and
 docs/terminal.md): only the granted directories, no network, no capabilities, a read-only root,
 non-root, a fixed environment, time/output/memory/pids limits, and a new container per command.
 """
@@ -18,10 +18,10 @@ from typing import Annotated, Any
 
 import msgspec
 
-from broker import _sandbox
-from broker._errors import Denied, HandlerFailed, InvalidRequest
-from broker._fs import find_grant_root, protected_set
-from broker._ids import is_pack_id
+from broker.backends import terminal as _sandbox
+from broker.core.errors import Denied, HandlerFailed, InvalidRequest
+from broker.backends.files import find_grant_root, protected_set
+from broker.core.ids import is_pack_id
 
 MAX_ARGS = 1024
 MAX_ARG_CHARS = 32 * 1024

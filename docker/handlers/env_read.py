@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from broker._errors import Denied, HandlerFailed
+from broker.core.errors import Denied, HandlerFailed
 
 SECRETS_FILE = ("docker", ".rumi", "secrets.env")
 

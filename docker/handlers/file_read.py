@@ -1,6 +1,6 @@
 """Built-in handler file_read: read a file inside a granted directory.
 
-Resolution is the kernel's (openat2 beneath the grant, see broker._fs): symlinks may not leave the
+Resolution is the kernel's (openat2 beneath the grant, see broker.backends.files): symlinks may not leave the
 grant, magic links are refused, protected workspace paths are refused by device and inode.
 """
 
@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from broker._fs import read_beneath
+from broker.backends.files import read_beneath
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 

@@ -1,7 +1,7 @@
 """Built-in handler file_write: atomically write a file inside a granted directory.
 
 The new content goes to a temp file beside the target, is fsynced and renamed over it
-(see broker._fs.write_beneath): never half-written, a symlink at the target is replaced, not followed.
+(see broker.backends.files.write_beneath): never half-written, a symlink at the target is replaced, not followed.
 """
 
 # No `from __future__ import annotations`: msgspec must see real types even when the
@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from broker._fs import write_beneath
+from broker.backends.files import write_beneath
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 

@@ -4,7 +4,7 @@ Only hosts in the grant's `allowed_domains` (names, `*.suffix`, `*`, IP literals
 in `allowed_ports` are reached. The broker resolves names itself, refuses loopback, private,
 link-local, metadata and other special addresses unless an IP/CIDR entry names them, and connects
 to exactly the address it checked. Redirects are followed by hand and checked again at every hop.
-Fetches live in `broker._egress`, tunnels in `broker._tunnel`; see docs/network.md.
+Fetches live in `broker.backends.egress`, tunnels in `broker.backends.tunnels`; see docs/network.md.
 
 Ops (`op`, default "fetch"):
 
@@ -28,8 +28,9 @@ from typing import Any
 
 import msgspec
 
-from broker import _egress, _tunnel
-from broker._errors import Denied, HandlerFailed, InvalidRequest
+from broker.backends import egress as _egress
+from broker.backends import tunnels as _tunnel
+from broker.core.errors import Denied, HandlerFailed, InvalidRequest
 
 OPS = ("fetch", "open", "send", "recv", "close")
 CONTINUATIONS = frozenset({"send", "recv", "close"})

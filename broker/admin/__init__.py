@@ -1,0 +1,1 @@
+"""The use-cases behind CLI commands: init, doctor, dev, demo."""

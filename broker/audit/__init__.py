@@ -1,0 +1,1 @@
+"""The audit trail: events, the hash chain, the writer, readers, verification, stream setup."""

@@ -1,0 +1,1 @@
+"""Capability back-ends that handlers call: files beneath a directory, HTTP egress, tunnels, the terminal sandbox."""

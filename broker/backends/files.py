@@ -1,0 +1,606 @@
+"""Safe file access beneath granted directories (used by the file_read / file_write handlers).
+
+Every path a Pack sends is resolved by the kernel relative to a directory fd with
+``openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)``: no string prefix checks, no ``normpath``,
+no following a link out of the grant, no race between checking and opening. Where ``openat2``
+is missing (Linux < 5.6, or filtered by seccomp) file access is refused, never emulated.
+
+On top of that every object reached is checked against the workspace's protected paths
+(``docker/.rumi``, grants, handlers, other Packs' sandboxes, ...) by device and inode, walking
+the real parent directories, so neither a symlink inside a grant nor a hard link reaches them.
+
+Stdlib and ctypes only: this module imports nothing of NATS, Docker or typer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Callable, Generator, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RequestError, TooLarge, Unavailable
+
+if TYPE_CHECKING:
+    from broker.core.workspace import Workspace
+
+__all__ = [
+    "RESOLVE_BENEATH",
+    "RESOLVE_IN_ROOT",
+    "RESOLVE_NO_MAGICLINKS",
+    "RESOLVE_NO_SYMLINKS",
+    "RESOLVE_NO_XDEV",
+    "FileIdentity",
+    "ProtectedSet",
+    "find_grant_root",
+    "openat2",
+    "read_beneath",
+    "write_beneath",
+]
+
+# Flags of struct open_how.resolve (linux/openat2.h).
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+# openat2 has the same number on every Linux architecture (unified syscall table since 5.1).
+_SYS_OPENAT2 = 437
+_MAX_SYMLINK_HOPS = 40  # the kernel's own limit (MAXSYMLINKS)
+_MAX_RETRIES = 16  # openat2 answers EAGAIN when a rename raced a ".." lookup
+_MAX_DEPTH = 4096  # bound on walking up parent directories
+_READ_CHUNK = 1 << 20
+
+FileIdentity = tuple[int, int]
+"""(st_dev, st_ino) of a file system object."""
+
+_BENEATH = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
+
+
+def _load_syscall() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    return fn
+
+
+_syscall = _load_syscall()
+_NO_OPENAT2 = "openat2 is not available (needs Linux 5.6 or newer); file access is refused"
+
+
+def openat2(
+    dirfd: int,
+    path: str,
+    flags: int,
+    mode: int = 0,
+    resolve: int = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+) -> int:
+    """Open `path` relative to `dirfd` with openat2(2); return the new fd or raise OSError.
+
+    Raises OSError(ENOSYS) when the kernel lacks openat2: callers refuse, never fall back.
+    """
+    if _syscall is None:
+        raise OSError(errno.ENOSYS, _NO_OPENAT2)
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise OSError(errno.EINVAL, "path contains a NUL byte")
+    how = _OpenHow(flags, mode, resolve)
+    fd = int(
+        _syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(dirfd),
+            ctypes.c_char_p(raw),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            raise OSError(errno.ENOSYS, _NO_OPENAT2)
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def _openat2_retrying(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
+    """openat2 beneath `dirfd`, retrying the EAGAIN a concurrent rename may cause."""
+    for _ in range(_MAX_RETRIES):
+        try:
+            return openat2(dirfd, path, flags, mode, _BENEATH)
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
+def _identity(st: os.stat_result) -> FileIdentity:
+    return (st.st_dev, st.st_ino)
+
+
+def _is_prefix(short: tuple[str, ...], long: tuple[str, ...]) -> bool:
+    return len(short) <= len(long) and long[: len(short)] == short
+
+
+class ProtectedSet:
+    """Paths no grant may reach, compared by (st_dev, st_ino) of what really exists.
+
+    Identities are taken again on every check (a handful of stat calls) so a protected
+    directory created or replaced after the broker started is still covered.
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[str | os.PathLike[str]] = (),
+        *,
+        source: Callable[[], Iterable[str | os.PathLike[str]]] | None = None,
+    ) -> None:
+        self._fixed = tuple(Path(os.path.abspath(p)) for p in paths)
+        self._source = source
+
+    @classmethod
+    def for_pack(
+        cls, ws: Workspace, pack_id: str | None, extra: Iterable[str | os.PathLike[str]] = ()
+    ) -> ProtectedSet:
+        """One Pack's set: `ws.protected_paths(pack_id)` (listed again on each check) plus `extra`."""
+        return cls(extra, source=lambda: ws.protected_paths(pack_id))
+
+    def paths(self) -> list[Path]:
+        """The protected paths as configured (absolute, not resolved)."""
+        return [Path(p) for p in self._path_strings()]
+
+    def _path_strings(self) -> list[str]:
+        listed = [os.fspath(p) for p in self._fixed]
+        if self._source is not None:
+            listed.extend(os.path.abspath(p) for p in self._source())
+        return listed
+
+    def _snapshot(self) -> tuple[set[FileIdentity], set[tuple[FileIdentity, str]]]:
+        """Identities of existing protected objects, and (parent identity, name) of every protected entry."""
+        ids: set[FileIdentity] = set()
+        entries: set[tuple[FileIdentity, str]] = set()
+        parents: dict[str, FileIdentity | None] = {}
+        for path in self._path_strings():
+            for follow in (True, False):
+                try:
+                    ids.add(_identity(os.stat(path, follow_symlinks=follow)))
+                except OSError:
+                    pass
+            parent, name = os.path.split(path)
+            if parent not in parents:
+                try:
+                    parents[parent] = _identity(os.stat(parent))
+                except OSError:
+                    parents[parent] = None
+            parent_id = parents[parent]
+            if parent_id is not None:
+                # Lets a write refuse to create a protected name that does not exist yet.
+                entries.add((parent_id, name))
+        return ids, entries
+
+    def identities(self) -> set[FileIdentity]:
+        """(st_dev, st_ino) of every protected path that exists now."""
+        return self._snapshot()[0]
+
+    def check_fd(
+        self,
+        fd: int,
+        stop_at: FileIdentity | None = None,
+        *,
+        parent_fd: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Raise Denied if the object behind `fd`, or any directory above it, is protected.
+
+        A directory fd is walked up through ".."; for a non-directory pass the directory it was
+        opened in as `parent_fd` (and its `name`, to refuse protected names). The walk ends
+        after checking `stop_at` or at "/" when `stop_at` is None (the default, which also
+        catches a grant that lies inside a protected directory).
+        """
+        ids, entries = self._snapshot()
+        st = os.fstat(fd)
+        if _identity(st) in ids:
+            raise Denied("path is protected")
+        start = parent_fd
+        if start is None:
+            if not stat.S_ISDIR(st.st_mode):
+                raise Denied("cannot check a file without its directory")
+            start = fd
+        elif name is not None and (_identity(os.fstat(start)), name) in entries:
+            raise Denied("path is protected")
+        self._walk_up(start, stop_at, ids)
+
+    def check_entry(self, parent_fd: int, name: str, stop_at: FileIdentity | None = None) -> None:
+        """Raise Denied if creating `name` in directory `parent_fd` would touch a protected path."""
+        ids, entries = self._snapshot()
+        if (_identity(os.fstat(parent_fd)), name) in entries:
+            raise Denied("path is protected")
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            if _identity(st) in ids:
+                raise Denied("path is protected")
+        self._walk_up(parent_fd, stop_at, ids)
+
+    @staticmethod
+    def _walk_up(dir_fd: int, stop_at: FileIdentity | None, ids: set[FileIdentity]) -> None:
+        with contextlib.closing(_ancestors(dir_fd)) as walk:
+            for ident in walk:
+                if ident in ids:
+                    raise Denied("path is protected")
+                if ident == stop_at:
+                    return
+
+    def overlaps(self, path: str | os.PathLike[str]) -> bool:
+        """True if `path` is, contains or lies inside a protected path (for refusing grants at load).
+
+        Compared by path components (as given and fully resolved) and by device/inode.
+        """
+        given = Path(os.path.abspath(path))
+        candidates = {given.parts, given.resolve().parts}
+        protected = self.paths()
+        for p in protected:
+            for pp in {p.parts, p.resolve().parts}:
+                for c in candidates:
+                    if _is_prefix(pp, c) or _is_prefix(c, pp):
+                        return True
+        ids = self.identities()
+        # `path` or one of its ancestors is protected.
+        if ids and _any_ancestor(given, lambda ident: ident in ids):
+            return True
+        # A protected path lies under `path`.
+        try:
+            target = _identity(os.stat(given))
+        except OSError:
+            return False
+        return any(_any_ancestor(p, lambda ident: ident == target) for p in protected)
+
+
+def _ancestors(dir_fd: int) -> Generator[FileIdentity, None, None]:
+    """Identities of directory `dir_fd` and each real parent up to "/" (bounded)."""
+    cur = os.dup(dir_fd)
+    try:
+        prev: FileIdentity | None = None
+        for _ in range(_MAX_DEPTH):
+            ident = _identity(os.fstat(cur))
+            if ident == prev:
+                return  # ".." of "/" is "/" itself
+            yield ident
+            prev = ident
+            parent = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
+            os.close(cur)
+            cur = parent
+        raise Denied("directory tree is too deep")
+    finally:
+        os.close(cur)
+
+
+def _any_ancestor(path: Path, pred: Callable[[FileIdentity], bool]) -> bool:
+    """Whether `pred` holds for `path` (if it exists) or any real directory above it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None:
+        if pred(_identity(st)):
+            return True
+        start = path if stat.S_ISDIR(st.st_mode) else path.parent
+    else:
+        start = path.parent
+    while True:
+        try:
+            fd = os.open(start, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            if start == start.parent:
+                return False
+            start = start.parent
+            continue
+        try:
+            with contextlib.closing(_ancestors(fd)) as walk:
+                return any(pred(ident) for ident in walk)
+        finally:
+            os.close(fd)
+
+
+def _components(path: str) -> list[str]:
+    # Empty components ("//", trailing "/") carry no meaning; "." and ".." are kept on purpose.
+    return [c for c in path.split("/") if c]
+
+
+def find_grant_root(path: str, directories: list[str]) -> tuple[str, str]:
+    """Pick the granted directory containing `path` by path components; return (grant_dir, remainder).
+
+    No normalisation: ".." stays in the remainder, where openat2(RESOLVE_BENEATH) refuses any
+    escape. `/data2/x` does not match `/data`. The longest matching grant wins.
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidRequest("path must be a non-empty string")
+    if "\0" in path:
+        raise InvalidRequest("path contains a NUL byte")
+    if not path.startswith("/"):
+        raise InvalidRequest("path must be absolute (start with /)")
+    want = _components(path)
+    best: tuple[str, int] | None = None
+    for directory in directories:
+        if not isinstance(directory, str) or not directory.startswith("/") or "\0" in directory:
+            continue
+        have = _components(directory)
+        if any(c in (".", "..") for c in have):
+            continue  # an ambiguous grant never matches
+        if want[: len(have)] == have and (best is None or len(have) > best[1]):
+            best = (directory, len(have))
+    if best is None:
+        raise Denied("path is outside the granted directories")
+    return best[0], "/".join(want[best[1] :]) or "."
+
+
+_ERRNO_MESSAGES: dict[int, RequestError] = {
+    errno.EXDEV: Denied("path escapes the granted directory"),
+    errno.ELOOP: Denied("path escapes the granted directory"),
+    errno.ENOENT: HandlerFailed("no such file"),
+    errno.ENOTDIR: HandlerFailed("a component of the path is not a directory"),
+    errno.EISDIR: HandlerFailed("path is a directory"),
+    errno.EACCES: Denied("the file system refused access"),
+    errno.EPERM: Denied("the file system refused access"),
+    errno.ENAMETOOLONG: InvalidRequest("path is too long"),
+    errno.ENOSPC: HandlerFailed("no space left on the device"),
+    errno.EDQUOT: HandlerFailed("disk quota exceeded"),
+    errno.EROFS: HandlerFailed("the file system is read-only"),
+    errno.EAGAIN: HandlerFailed("the path changed during the request; try again"),
+    errno.EBUSY: HandlerFailed("the file is busy"),
+    errno.ETXTBSY: HandlerFailed("the file is busy"),
+    errno.EFBIG: TooLarge("file too large for the file system"),
+    errno.ENOSYS: Unavailable(_NO_OPENAT2),
+}
+
+
+def _safe_error(exc: OSError) -> RequestError:
+    """A RequestError for an OSError, without the path (it may name host directories)."""
+    known = _ERRNO_MESSAGES.get(exc.errno or 0)
+    if known is not None:
+        return type(known)(known.message)
+    reason = os.strerror(exc.errno) if exc.errno else "unknown error"
+    return HandlerFailed(f"file operation failed ({reason})")
+
+
+def _grant_directories(context: Mapping[str, Any]) -> list[str]:
+    grant = context.get("grant") or {}
+    dirs = grant.get("directories") if isinstance(grant, Mapping) else None
+    if not isinstance(dirs, list) or not dirs:
+        raise Denied("no directories are granted")
+    return [d for d in dirs if isinstance(d, str)]
+
+
+def protected_set(context: Mapping[str, Any]) -> ProtectedSet:
+    """The handler context's protected-path set; derived from the workspace if absent, else refuse."""
+    protected = context.get("protected")
+    if isinstance(protected, ProtectedSet):
+        return protected
+    root = context.get("workspace_root")
+    if isinstance(root, str) and root:
+        # Fail closed: without the broker's set, derive it from the workspace.
+        from broker.core.workspace import Workspace
+
+        pack_id = context.get("pack_id")
+        return ProtectedSet.for_pack(Workspace.at(root), pack_id if isinstance(pack_id, str) else None)
+    raise HandlerFailed("the broker gave no protected-path set; the request is refused")
+
+
+def _open_root(grant_dir: str) -> int:
+    try:
+        # Grant directories are admin-set absolute paths: opened as configured.
+        return os.open(grant_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise HandlerFailed("the granted directory does not exist") from None
+    except NotADirectoryError:
+        raise HandlerFailed("the granted directory is not a directory") from None
+
+
+def _split(rel: str) -> tuple[str, str]:
+    parts = _components(rel)
+    if not parts:
+        return ".", "."
+    return "/".join(parts[:-1]) or ".", parts[-1]
+
+
+class _Entry:
+    """A resolved object beneath a grant root: its O_PATH fd and the real directory holding it."""
+
+    def __init__(self, fd: int, st: os.stat_result, parent_fd: int | None, name: str | None) -> None:
+        self.fd = fd
+        self.st = st
+        self.parent_fd = parent_fd
+        self.name = name
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.parent_fd is not None:
+            os.close(self.parent_fd)
+
+
+def _resolve(root_fd: int, rel: str) -> _Entry:
+    """Resolve `rel` beneath `root_fd`, following symlinks only where they stay beneath it.
+
+    The directory part is resolved by the kernel; the last component is opened with
+    O_PATH|O_NOFOLLOW so a symlink there is read (race-free, from its fd) and the walk
+    restarts from the grant root with its target, at most 40 times.
+    """
+    for _ in range(_MAX_SYMLINK_HOPS):
+        dir_part, name = _split(rel)
+        if name in (".", ".."):
+            fd = _openat2_retrying(root_fd, rel, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            return _Entry(fd, os.fstat(fd), None, None)
+        parent = _openat2_retrying(root_fd, dir_part, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = _openat2_retrying(parent, name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            os.close(parent)
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISLNK(st.st_mode):
+            return _Entry(fd, st, parent, name)
+        try:
+            target = os.readlink("", dir_fd=fd)
+        finally:
+            os.close(fd)
+            os.close(parent)
+        if target.startswith("/"):
+            raise Denied("path escapes the granted directory")
+        rel = f"{dir_part}/{target}"
+    raise Denied("too many levels of symbolic links")
+
+
+def read_beneath(context: Mapping[str, Any], path: str, max_bytes: int) -> bytes:
+    """Read the regular file at absolute `path` inside one of `context["grant"]["directories"]`.
+
+    Refuses escapes, magic links, protected paths, non-regular files; TooLarge over `max_bytes`.
+    """
+    grant_dir, rel = find_grant_root(path, _grant_directories(context))
+    protected = protected_set(context)
+    root_fd = _open_root(grant_dir)
+    try:
+        return _read(root_fd, rel, max_bytes, protected)
+    except OSError as exc:
+        raise _safe_error(exc) from None
+    finally:
+        os.close(root_fd)
+
+
+def _read(root_fd: int, rel: str, max_bytes: int, protected: ProtectedSet) -> bytes:
+    entry = _resolve(root_fd, rel)
+    try:
+        if stat.S_ISDIR(entry.st.st_mode):
+            raise HandlerFailed("path is a directory")
+        if not stat.S_ISREG(entry.st.st_mode) or entry.parent_fd is None or entry.name is None:
+            raise Denied("path is not a regular file")
+        protected.check_fd(entry.fd, parent_fd=entry.parent_fd, name=entry.name)
+        if entry.st.st_size > max_bytes:
+            raise TooLarge(f"file is larger than {max_bytes} bytes")
+        # Open the very name we checked, refusing any link; O_NONBLOCK so a swapped-in FIFO cannot hang us.
+        fd = openat2(
+            entry.parent_fd,
+            entry.name,
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+            0,
+            _BENEATH | RESOLVE_NO_SYMLINKS,
+        )
+        try:
+            st = os.fstat(fd)
+            if _identity(st) != _identity(entry.st) or not stat.S_ISREG(st.st_mode):
+                raise HandlerFailed("the file changed during the request; try again")
+            return _read_capped(fd, max_bytes)
+        finally:
+            os.close(fd)
+    finally:
+        entry.close()
+
+
+def _read_capped(fd: int, max_bytes: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while total <= max_bytes:
+        chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > max_bytes:
+        raise TooLarge(f"file is larger than {max_bytes} bytes")
+    return b"".join(chunks)
+
+
+def _temp_name(name: str) -> str:
+    token = secrets.token_hex(8)
+    # Keep the temp name within NAME_MAX (255 bytes) for long target names.
+    stem = name if len(os.fsencode(name)) <= 200 else "long"
+    return f".{stem}.rumi-tmp-{token}"
+
+
+def write_beneath(context: Mapping[str, Any], path: str, data: bytes, max_bytes: int) -> int:
+    """Atomically replace (or create) the file at absolute `path` inside a granted directory.
+
+    Writes a temp file next to it, fsyncs, renames over the target and fsyncs the directory:
+    readers see the old or the new content, never a mix. A symlink at the target is replaced,
+    not followed. Returns the number of bytes written.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise InvalidRequest("data must be bytes")
+    size = len(data)
+    if size > max_bytes:
+        raise TooLarge(f"data is larger than {max_bytes} bytes")
+    if isinstance(path, str) and path.endswith("/"):
+        raise InvalidRequest("path must name a file, not end with /")
+    grant_dir, rel = find_grant_root(path, _grant_directories(context))
+    dir_part, name = _split(rel)
+    if name in (".", ".."):
+        raise InvalidRequest("path must end with a file name")
+    protected = protected_set(context)
+    root_fd = _open_root(grant_dir)
+    try:
+        return _write(root_fd, dir_part, name, bytes(data), protected)
+    except OSError as exc:
+        raise _safe_error(exc) from None
+    finally:
+        os.close(root_fd)
+
+
+def _write(root_fd: int, dir_part: str, name: str, data: bytes, protected: ProtectedSet) -> int:
+    parent = _openat2_retrying(root_fd, dir_part, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        protected.check_entry(parent, name)
+        mode = 0o644
+        try:
+            old = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            if stat.S_ISDIR(old.st_mode):
+                raise HandlerFailed("path is a directory")
+            if stat.S_ISREG(old.st_mode):
+                mode = stat.S_IMODE(old.st_mode) & 0o777  # never widen an existing file's permissions
+        tmp = _temp_name(name)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
+        )
+        renamed = False
+        try:
+            try:
+                os.fchmod(fd, mode)
+                if os.geteuid() == 0:
+                    # A root broker writes as the directory's owner, so the Pack (whose sandbox it
+                    # is) can change its own files; setuid/setgid bits never come along (mode & 0o777).
+                    owner = os.fstat(parent)
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+                view = memoryview(data)
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            renamed = True
+        finally:
+            if not renamed:
+                try:
+                    os.unlink(tmp, dir_fd=parent)
+                except OSError:
+                    pass
+        os.fsync(parent)
+        return len(data)
+    finally:
+        os.close(parent)

@@ -1,0 +1,1 @@
+"""NATS: credentials, the server config, the embedded server, client connections."""

@@ -1,0 +1,1328 @@
+"""Run a workspace's Packs in hardened containers (`rumi up` / `down` / `ps` / `stats` / `logs`).
+
+What `rumi up` makes, for workspace tag T (`workspace_tag`) and image prefix P (default ``rumi``)::
+
+    network  rumi-T-control         NATS's own bridge; Docker publishes ports only on a non-internal one
+    network  rumi-T-pack-<id>       one per Pack: internal, a /28 from `network_pool`, bridge rumi-<hash>,
+                                    no host IPv4 address on it (inhibit_ipv4), no masquerade
+    container P-nats                nats-server; config dir + JetStream dir mounted at their host paths;
+                                    client port on 127.0.0.1 only; on the control network and every Pack's
+    container P-pack-<id>           `pack_container_settings` (the one place hardening is decided), only
+                                    its own network, sandbox and credentials
+    process  broker                 on the host, detached: docker/.rumi/broker.pid, broker.log
+    host guard                      iptables/ip6tables INPUT drop + no IPv6 on every Pack bridge (`_guard`)
+
+Why no host address on a Pack bridge: engines before 26 give containers on an internal network a
+default route via the bridge's gateway address, and anything a container sends to a host address is
+*input* on the host, which Docker's isolation rules (FORWARD) never see.  Without that address the
+route leads nowhere (nobody answers ARP for it), and the guard drops input from the bridge besides.
+
+DNS: every container on a user network asks Docker's embedded resolver, which forwards names it does
+not know to the container's `dns` servers — from the host's namespace when that server is a loopback
+address (CVE-2024-29018 on engines before 26).  A Pack's only upstream is therefore an address of its
+own subnet that IPAM reserves and nobody holds: a query never gets past the bridge.
+
+Everything created carries Rumi's labels (`_runtime.labels`) with the workspace tag; cleanup removes by
+label, exactly.  The Docker SDK is the only way this module talks to the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.containers.settings import (
+    LABEL_MANAGED,
+    LABEL_PACK,
+    LABEL_ROLE,
+    LABEL_WORKSPACE,
+    NATS_CONTAINER_PORT,
+    labels,
+    pack_container_settings,
+    pack_spec,
+    pack_uid,
+    workspace_tag,
+)
+from broker.core.errors import RumiError
+from broker.core.workspace import RumiConfig, Workspace
+
+__all__ = [
+    "BROKER_SERVE_COMMAND",
+    "DEFAULT_PREFIX",
+    "ContainerInfo",
+    "ContainerStats",
+    "DockerRuntime",
+    "EngineUnavailable",
+    "NetworkInfo",
+    "PackNetwork",
+    "PackStart",
+    "RuntimeSetupError",
+    "RuntimeStatus",
+    "UpReport",
+    "allocate_subnet",
+    "bridge_name",
+    "broker_log_file",
+    "broker_pid_file",
+    "docker_client",
+    "host_routes",
+    "running_broker_pid",
+]
+
+Progress = Callable[[str], None]
+
+DEFAULT_PREFIX = "rumi"
+# The hidden CLI command `rumi up` starts the broker with (broker/cli/_runtime.py).
+BROKER_SERVE_COMMAND = "serve-broker"
+LABEL_CONFIG_HASH = "io.rumi.config-hash"
+ROLE_PACK = "pack"
+ROLE_NATS = "nats"
+ROLE_PACK_NETWORK = "pack-network"
+ROLE_CONTROL_NETWORK = "control-network"
+NATS_UID = 65534  # the rumi-nats image's user (nobody)
+NATS_MEMORY = "256m"
+DNS_OPTIONS = ["timeout:1", "attempts:1"]
+MIN_ENGINE_API = (1, 41)
+_STATE_FILE = "docker.json"
+_BROKER_READY = "rumi broker: serving"
+_LOG_KEEP_BYTES = 10 * 1024 * 1024
+_SUBNET_RETRIES = 8
+
+
+class RuntimeSetupError(RumiError):
+    """Containers, networks or the broker process could not be set up as Rumi needs them."""
+
+
+class EngineUnavailable(RuntimeSetupError):
+    """No Docker engine answers."""
+
+
+def _quiet(_: str) -> None:
+    """Progress sink that drops every message."""
+
+
+def docker_client(timeout: float = 60) -> Any:
+    """A Docker SDK client for the engine from the environment; EngineUnavailable with what to do."""
+    try:
+        # By name: the workspace's own docker/ directory would otherwise shadow the SDK for type checkers.
+        sdk: Any = importlib.import_module("docker")
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise EngineUnavailable("the docker Python package is missing: pip install docker") from None
+    try:
+        client = sdk.from_env(timeout=int(timeout))
+        client.ping()
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise EngineUnavailable(
+            f"no Docker engine answers ({first}): start one (scripts/ensure-docker.sh) or set DOCKER_HOST"
+        ) from None
+    return client
+
+
+# ------------------------------------------------------------------------------------- names
+
+
+def bridge_name(tag: str, key: str) -> str:
+    """Linux bridge name for network `key` of workspace `tag`: ``rumi-`` + 10 hex (15 chars, the limit)."""
+    return "rumi-" + hashlib.sha256(f"{tag}:{key}".encode()).hexdigest()[:10]
+
+
+def broker_pid_file(ws: Workspace) -> Path:
+    """Pidfile of the broker `rumi up` started."""
+    return ws.state / "broker.pid"
+
+
+def broker_log_file(ws: Workspace) -> Path:
+    """Log (stdout and stderr) of the broker `rumi up` started."""
+    return ws.state / "broker.log"
+
+
+def _state_file(ws: Workspace) -> Path:
+    return ws.state / _STATE_FILE
+
+
+# ---------------------------------------------------------------------------------- subnets
+
+
+def host_routes(route_file: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
+    """IPv4 destinations of the host's main routing table (the default route left out)."""
+    out: list[ipaddress.IPv4Network] = []
+    try:
+        lines = route_file.read_text().splitlines()[1:]
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        try:
+            dest = int(parts[1], 16)
+            mask = int(parts[7], 16)
+        except ValueError:
+            continue
+        if mask == 0:
+            continue
+        # /proc/net/route prints addresses in host (little-endian) byte order.
+        d = ipaddress.IPv4Address(int.from_bytes(dest.to_bytes(4, "little"), "big"))
+        m = ipaddress.IPv4Address(int.from_bytes(mask.to_bytes(4, "little"), "big"))
+        with contextlib.suppress(ValueError):
+            out.append(ipaddress.IPv4Network(f"{d}/{m}", strict=False))
+    return out
+
+
+def _docker_subnets(client: Any) -> list[ipaddress.IPv4Network]:
+    out: list[ipaddress.IPv4Network] = []
+    for net in client.networks.list():
+        for conf in (net.attrs.get("IPAM") or {}).get("Config") or []:
+            subnet = conf.get("Subnet")
+            if not subnet:
+                continue
+            with contextlib.suppress(ValueError):
+                parsed = ipaddress.ip_network(subnet, strict=False)
+                if isinstance(parsed, ipaddress.IPv4Network):
+                    out.append(parsed)
+    return out
+
+
+def allocate_subnet(
+    pool: str, prefix_length: int, used: Iterable[ipaddress.IPv4Network]
+) -> ipaddress.IPv4Network:
+    """The first /`prefix_length` of `pool` that overlaps none of `used`.
+
+    Linear in len(used) plus the answer's index: fast for thousands of networks.
+    """
+    try:
+        net = ipaddress.ip_network(pool, strict=True)
+    except ValueError as exc:
+        raise RuntimeSetupError(
+            f"docker/config.json: network_pool {pool!r} is not a network ({exc})"
+        ) from None
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise RuntimeSetupError(f"docker/config.json: network_pool {pool!r} must be an IPv4 network")
+    if not (net.prefixlen <= prefix_length <= 29):
+        raise RuntimeSetupError(
+            f"docker/config.json: network_prefix_length {prefix_length} must be between the pool's "
+            f"/{net.prefixlen} and /29 (a Pack network needs 8 addresses)"
+        )
+    size = 1 << (32 - prefix_length)
+    start = int(net.network_address)
+    end = int(net.broadcast_address)
+    count = (end - start + 1) // size
+    blocked: set[int] = set()
+    for other in used:
+        o_start, o_end = int(other.network_address), int(other.broadcast_address)
+        if o_end < start or o_start > end:
+            continue
+        first = (max(o_start, start) - start) // size
+        last = (min(o_end, end) - start) // size
+        blocked.update(range(first, last + 1))
+    for index in range(count):
+        if index not in blocked:
+            return ipaddress.IPv4Network((start + index * size, prefix_length))
+    raise RuntimeSetupError(
+        f"network_pool {pool} has no free /{prefix_length} left: give docker/config.json a larger "
+        "network_pool (or remove unused Docker networks)"
+    )
+
+
+# ------------------------------------------------------------------------------ value types
+
+
+@dataclass(frozen=True)
+class PackNetwork:
+    """One Pack's internal network and the fixed addresses in it."""
+
+    pack_id: str
+    name: str
+    id: str
+    bridge: str
+    subnet: str
+
+    @property
+    def _net(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def nats_ip(self) -> str:
+        """The NATS container's address on this network (the first after the gateway)."""
+        return str(self._net[2])
+
+    @property
+    def dns_sink(self) -> str:
+        """Reserved, never assigned: the only upstream the Pack's DNS resolver may forward to."""
+        return str(self._net[-2])
+
+    @property
+    def nats_url(self) -> str:
+        """The URL a Pack on this network uses."""
+        return f"nats://{self.nats_ip}:{NATS_CONTAINER_PORT}"
+
+
+@dataclass(frozen=True)
+class PackStart:
+    """How one Pack came up."""
+
+    pack_id: str
+    container: str
+    created: bool
+    seconds_to_healthy: float
+
+
+@dataclass(frozen=True)
+class UpReport:
+    """What `up` did."""
+
+    nats_url: str
+    broker_pid: int
+    packs: list[PackStart]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """One container of the workspace, for `rumi ps`."""
+
+    name: str
+    role: str
+    pack_id: str | None
+    state: str
+    health: str | None
+    image: str
+    addresses: dict[str, str]
+    ports: list[str]
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """One network of the workspace, for `rumi ps`."""
+
+    name: str
+    role: str
+    pack_id: str | None
+    subnet: str
+    bridge: str
+    internal: bool
+    guard: str  # "active", "missing: ...", "n/a"
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """Everything `rumi ps` shows."""
+
+    workspace: str
+    containers: list[ContainerInfo]
+    networks: list[NetworkInfo]
+    broker_pid: int | None
+    nats_url: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ContainerStats:
+    """Resource use of one container (one sample)."""
+
+    name: str
+    role: str
+    pack_id: str | None
+    memory_bytes: int
+    memory_limit: int
+    pids: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------- broker
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def running_broker_pid(ws: Workspace) -> int | None:
+    """Pid of the broker `rumi up` started for this workspace, if it still runs (checked in /proc)."""
+    try:
+        text = broker_pid_file(ws).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not text.isdigit():
+        return None
+    pid = int(text)
+    argv = _cmdline(pid)
+    # Pids get reused: only a process running our broker command for this root is ours.
+    if b"broker.cli" not in argv or BROKER_SERVE_COMMAND.encode() not in argv:
+        return None
+    if os.fsencode(str(ws.root)) not in argv:
+        return None
+    return pid
+
+
+def _broker_argv(ws: Workspace) -> list[str]:
+    return [sys.executable, "-m", "broker.cli", BROKER_SERVE_COMMAND, "--root", str(ws.root)]
+
+
+def start_broker(ws: Workspace, timeout: float = 30, progress: Progress = _quiet) -> int:
+    """Start the broker detached (or find it running); wait until it serves; return its pid."""
+    pid = running_broker_pid(ws)
+    if pid is not None:
+        progress(f"broker: running (pid {pid})")
+        return pid
+    log = broker_log_file(ws)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if log.stat().st_size > _LOG_KEEP_BYTES:
+            os.replace(log, log.with_name(log.name + ".1"))
+    offset = log.stat().st_size if log.exists() else 0
+    env = dict(os.environ)
+    # The broker package must import from anywhere: put its parent directory first on the path.
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            _broker_argv(ws),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            env=env,
+            start_new_session=True,  # detached: a terminal's Ctrl-C does not reach it; `rumi down` does
+            close_fds=True,
+        )
+    _write_small(broker_pid_file(ws), f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while True:
+        text = _read_from(log, offset)
+        if _BROKER_READY in text:
+            progress(f"broker: serving (pid {proc.pid}, log {log})")
+            return proc.pid
+        code = proc.poll()
+        if code is not None:
+            broker_pid_file(ws).unlink(missing_ok=True)
+            raise RuntimeSetupError(
+                f"the broker exited with code {code}: {_last_line(text) or 'no output'} (log {log})"
+            )
+        if time.monotonic() > deadline:
+            _terminate(proc.pid, 5)
+            broker_pid_file(ws).unlink(missing_ok=True)
+            raise RuntimeSetupError(f"the broker did not start serving within {timeout:g} s (log {log})")
+        time.sleep(0.1)
+
+
+def stop_broker(ws: Workspace, timeout: float = 15) -> int | None:
+    """Stop the broker `rumi up` started (SIGTERM, then SIGKILL); return its pid, or None if none ran."""
+    pid = running_broker_pid(ws)
+    if pid is not None:
+        _terminate(pid, timeout)
+    broker_pid_file(ws).unlink(missing_ok=True)
+    return pid
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if not _alive(pid):
+            return
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    # Our own child becomes a zombie until reaped: reap it, or /proc still shows it.
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _write_small(path: Path, text: str, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------- runtime
+
+
+class DockerRuntime:
+    """The containers, networks, guard and broker of one workspace on one engine."""
+
+    def __init__(
+        self,
+        ws: Workspace,
+        client: Any | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        progress: Progress | None = None,
+    ) -> None:
+        from broker.containers.images import image_tag
+
+        image_tag("nats", prefix)  # validates the prefix
+        self.ws = ws
+        self.prefix = prefix
+        self.tag = workspace_tag(ws)
+        self.progress = progress or _quiet
+        self._client = client
+
+    # -- engine
+
+    @property
+    def client(self) -> Any:
+        """The Docker client (connected on first use)."""
+        if self._client is None:
+            self._client = docker_client()
+        return self._client
+
+    def engine_version(self) -> tuple[str, str]:
+        """(engine version, API version)."""
+        info = self.client.version()
+        return str(info.get("Version", "?")), str(info.get("ApiVersion", "?"))
+
+    # -- names
+
+    @property
+    def nats_container_name(self) -> str:
+        """``<prefix>-nats`` (``rumi-nats`` by default)."""
+        return f"{self.prefix}-nats"
+
+    def pack_container_name(self, pack_id: str) -> str:
+        """``<prefix>-pack-<id>``."""
+        return f"{self.prefix}-pack-{pack_id}"
+
+    @property
+    def control_network_name(self) -> str:
+        """NATS's own network."""
+        return f"rumi-{self.tag}-control"
+
+    def pack_network_name(self, pack_id: str) -> str:
+        """A Pack's internal network."""
+        return f"rumi-{self.tag}-pack-{pack_id}"
+
+    def pack_creds_dir(self, pack_id: str) -> Path:
+        """The directory mounted at /run/rumi in the Pack: its own seed and nothing else."""
+        return self.ws.state / "packcreds" / pack_id
+
+    def _filters(self, role: str | None = None, pack_id: str | None = None) -> dict[str, Any]:
+        wanted = [f"{LABEL_MANAGED}=true", f"{LABEL_WORKSPACE}={self.tag}"]
+        if role is not None:
+            wanted.append(f"{LABEL_ROLE}={role}")
+        if pack_id is not None:
+            wanted.append(f"{LABEL_PACK}={pack_id}")
+        return {"label": wanted}
+
+    # -- images
+
+    def ensure_images(self, pack_ids: Sequence[str], *, build: bool) -> dict[str, str]:
+        """Tags of the NATS image and each Pack's image; built (or reused) when `build`."""
+        from broker.containers.images import (
+            build_base_image,
+            build_nats_image,
+            build_sandbox_image,
+            image_tag,
+        )
+        from broker.containers.packimage import build_pack_image, pack_image_tag
+
+        cfg = self.ws.load_config()
+        tags: dict[str, str] = {}
+        if build:
+            self.progress("images: NATS, base, sandbox and Pack images (reused when unchanged)")
+            tags["nats"] = build_nats_image(self.client, self.prefix, self.progress)
+            build_base_image(self.client, self.prefix, self.progress, cfg.allow_pull)
+            # The terminal handler runs commands in it: a Pack's first `ctx.terminal` must not wait for a build.
+            build_sandbox_image(self.client, self.prefix, self.progress)
+            for pack_id in pack_ids:
+                tags[f"pack:{pack_id}"] = build_pack_image(
+                    self.client, self.ws, pack_id, prefix=self.prefix, progress=self.progress
+                )
+            return tags
+        tags["nats"] = image_tag("nats", self.prefix)
+        for pack_id in pack_ids:
+            tags[f"pack:{pack_id}"] = pack_image_tag(pack_id, self.prefix)
+        missing = [t for t in tags.values() if not self._image_exists(t)]
+        if missing:
+            raise RuntimeSetupError(f"image {missing[0]} is missing: run `rumi build` (or `rumi up --build`)")
+        return tags
+
+    def _image_exists(self, tag: str) -> bool:
+        import docker.errors
+
+        try:
+            self.client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            return False
+        return True
+
+    # -- networks
+
+    def pack_networks(self) -> dict[str, PackNetwork]:
+        """This workspace's Pack networks, by pack id."""
+        out: dict[str, PackNetwork] = {}
+        for net in self.client.networks.list(filters=self._filters(ROLE_PACK_NETWORK)):
+            info = self._pack_network_from(net)
+            if info is not None:
+                out[info.pack_id] = info
+        return out
+
+    def _pack_network_from(self, net: Any) -> PackNetwork | None:
+        attrs = net.attrs
+        pack_id = (attrs.get("Labels") or {}).get(LABEL_PACK)
+        configs = (attrs.get("IPAM") or {}).get("Config") or []
+        bridge = (attrs.get("Options") or {}).get("com.docker.network.bridge.name", "")
+        if not pack_id or not configs:
+            return None
+        return PackNetwork(pack_id, str(attrs["Name"]), str(attrs["Id"]), bridge, str(configs[0]["Subnet"]))
+
+    def ensure_control_network(self) -> Any:
+        """NATS's network: a plain bridge (the host reaches NATS through the published port)."""
+        name = self.control_network_name
+        existing = self.client.networks.list(filters=self._filters(ROLE_CONTROL_NETWORK))
+        if existing:
+            return existing[0]
+        options = {
+            "com.docker.network.bridge.name": bridge_name(self.tag, "control"),
+            # NATS never initiates a connection: nothing of it needs to leave this host.
+            "com.docker.network.bridge.enable_ip_masquerade": "false",
+        }
+        return self._create_network(name, labels(self.tag, ROLE_CONTROL_NETWORK), options, internal=False)
+
+    def ensure_pack_network(self, pack_id: str) -> PackNetwork:
+        """The Pack's internal network (created with a free subnet from the pool when missing)."""
+        found = self.client.networks.list(filters=self._filters(ROLE_PACK_NETWORK, pack_id))
+        if found:
+            net = found[0]
+            self._check_pack_network(net)
+            info = self._pack_network_from(net)
+            if info is not None:
+                return info
+        options = {
+            "com.docker.network.bridge.name": bridge_name(self.tag, f"pack:{pack_id}"),
+            "com.docker.network.bridge.enable_ip_masquerade": "false",
+            # No host address on the Pack bridge: the container's default route leads nowhere.
+            "com.docker.network.bridge.inhibit_ipv4": "true",
+            "com.docker.network.bridge.enable_icc": "true",
+        }
+        net = self._create_network(
+            self.pack_network_name(pack_id),
+            labels(self.tag, ROLE_PACK_NETWORK, pack_id),
+            options,
+            internal=True,
+        )
+        info = self._pack_network_from(net)
+        if info is None:  # pragma: no cover - we just created it with these fields
+            raise RuntimeSetupError(f"network {net.name} has no subnet")
+        return info
+
+    def _check_pack_network(self, net: Any) -> None:
+        attrs = net.attrs
+        options = attrs.get("Options") or {}
+        if not (
+            attrs.get("Internal") is True
+            and options.get("com.docker.network.bridge.inhibit_ipv4") == "true"
+            and options.get("com.docker.network.bridge.enable_ip_masquerade") == "false"
+        ):
+            raise RuntimeSetupError(
+                f"network {attrs.get('Name')} does not have Rumi's settings (internal, no host address):"
+                " run `rumi down`, then `rumi up`"
+            )
+
+    def _create_network(
+        self, name: str, net_labels: dict[str, str], options: dict[str, str], *, internal: bool
+    ) -> Any:
+        import docker.errors
+        from docker.types import IPAMConfig, IPAMPool
+
+        cfg = self.ws.load_config()
+        taken: list[ipaddress.IPv4Network] = []
+        last_error = ""
+        for _ in range(_SUBNET_RETRIES):
+            used = [*_docker_subnets(self.client), *host_routes(), *taken]
+            subnet = allocate_subnet(cfg.network_pool, cfg.network_prefix_length, used)
+            pool = IPAMPool(
+                subnet=str(subnet),
+                gateway=str(subnet[1]),
+                # Reserved so IPAM never hands it out: the Pack's DNS upstream that nobody holds.
+                aux_addresses={"rumi-dns-sink": str(subnet[-2])},
+            )
+            try:
+                net = self.client.networks.create(
+                    name,
+                    driver="bridge",
+                    internal=internal,
+                    check_duplicate=True,
+                    ipam=IPAMConfig(pool_configs=[pool]),
+                    options=options,
+                    labels=net_labels,
+                    enable_ipv6=False,
+                )
+            except docker.errors.APIError as exc:
+                last_error = _api_message(exc)
+                if "overlap" in last_error.lower():
+                    # Another process took it between our look and our create: try the next one.
+                    taken.append(subnet)
+                    continue
+                raise RuntimeSetupError(f"cannot create network {name}: {last_error}") from None
+            net.reload()
+            return net
+        raise RuntimeSetupError(f"cannot create network {name}: {last_error}")
+
+    # -- NATS
+
+    def nats_host_port(self) -> int:
+        """The host port NATS is published on (127.0.0.1 only)."""
+        return self.ws.load_config().nats_port
+
+    def _nats_container(self) -> Any | None:
+        found = self.client.containers.list(all=True, filters=self._filters(ROLE_NATS))
+        return found[0] if found else None
+
+    def write_nats_config(self, pack_ids: Sequence[str]) -> bool:
+        """Write the container's NATS config; True when it changed."""
+        from broker.bus.config import config_dir, config_path, render_config, write_config
+
+        cfg = self.ws.load_config()
+        text = render_config(self.ws, cfg, pack_ids, port=NATS_CONTAINER_PORT, listen_host="0.0.0.0")
+        try:
+            old = config_path(self.ws).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            old = ""
+        if old != text:
+            write_config(self.ws, cfg, pack_ids, NATS_CONTAINER_PORT, listen_host="0.0.0.0")
+        # The server runs as an unprivileged uid: the directory must be listable, the file readable.
+        os.chmod(config_dir(self.ws), 0o755)  # noqa: S103 - holds public keys only
+        os.chmod(config_path(self.ws), 0o644)
+        return old != text
+
+    def prepare_jetstream_dir(self) -> Path:
+        from broker.bus.config import jetstream_dir
+
+        store = jetstream_dir(self.ws)
+        store.mkdir(parents=True, exist_ok=True)
+        # The container's nats-server is uid 65534; an embedded (root) server may have left files here.
+        for dirpath, dirnames, filenames in os.walk(store):
+            for name in [*dirnames, *filenames]:
+                os.lchown(os.path.join(dirpath, name), NATS_UID, NATS_UID)
+        os.chown(store, NATS_UID, NATS_UID)
+        os.chmod(store, 0o700)
+        return store
+
+    def nats_settings(self, image: str, host_port: int) -> dict[str, Any]:
+        """Docker SDK kwargs of the NATS container (no side effects; `ensure_nats` prepares the dirs)."""
+        from broker.bus.config import config_dir, config_path, jetstream_dir
+
+        conf_dir = str(config_dir(self.ws))
+        store = str(jetstream_dir(self.ws))
+        return {
+            "image": image,
+            "name": self.nats_container_name,
+            "command": ["--config", str(config_path(self.ws))],
+            "user": f"{NATS_UID}:{NATS_UID}",
+            "labels": labels(self.tag, ROLE_NATS),
+            "network": self.control_network_name,
+            # The client port for the broker and CLI on this host only; the monitoring port is off.
+            "ports": {f"{NATS_CONTAINER_PORT}/tcp": ("127.0.0.1", host_port)},
+            # Mounted whole, at the host paths: the generated config works unchanged, and a reload
+            # after an atomic rename reads the new file (a single-file mount would keep the old inode).
+            "volumes": {
+                conf_dir: {"bind": conf_dir, "mode": "ro"},
+                store: {"bind": store, "mode": "rw"},
+            },
+            "read_only": True,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges:true"],
+            "mem_limit": NATS_MEMORY,
+            "memswap_limit": NATS_MEMORY,
+            "cpu_shares": 1024,
+            "pids_limit": 256,
+            "ipc_mode": "private",
+            # NATS sits on every Pack's network: its namespace must never route between them.
+            "sysctls": {"net.ipv4.ip_forward": "0"},
+            "restart_policy": {"Name": "on-failure", "MaximumRetryCount": 5},
+            "log_config": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+            "stop_signal": "SIGTERM",
+            "detach": True,
+        }
+
+    def ensure_nats(self, image: str, pack_ids: Sequence[str], networks: Sequence[PackNetwork]) -> str:
+        """Start (or reload) the NATS container for `pack_ids`, attach it to `networks`; return the host URL."""
+        import docker.errors
+
+        from broker.bus.server import url_file
+
+        host_port = self.nats_host_port()
+        changed = self.write_nats_config(pack_ids)
+        self.prepare_jetstream_dir()
+        settings = self.nats_settings(image, host_port)
+        settings["labels"] = {**settings["labels"], LABEL_CONFIG_HASH: self._settings_hash(settings)}
+        container = self._nats_container()
+        if container is not None and (
+            container.labels.get(LABEL_CONFIG_HASH) != settings["labels"][LABEL_CONFIG_HASH]
+            or container.status not in ("running", "created")
+        ):
+            self.progress(
+                f"nats: replacing {container.name} ({container.status}, settings changed or stopped)"
+            )
+            container.remove(force=True)
+            container = None
+        if container is None:
+            self._claim_name(self.nats_container_name)
+            self.progress(f"nats: starting {self.nats_container_name} (127.0.0.1:{host_port})")
+            container = self.client.containers.create(**settings)
+            self._attach(container, networks)
+            try:
+                container.start()
+            except docker.errors.APIError as exc:
+                msg = _api_message(exc)
+                container.remove(force=True)
+                if "address already in use" in msg or "port is already allocated" in msg:
+                    raise RuntimeSetupError(
+                        f"cannot publish NATS on 127.0.0.1:{host_port} (in use): set another nats_port in docker/config.json"
+                    ) from None
+                raise RuntimeSetupError(f"cannot start {self.nats_container_name}: {msg}") from None
+        else:
+            self._attach(container, networks)
+            if container.status == "created":
+                container.start()
+            elif changed:
+                self.reload_nats(container)
+        url = f"nats://127.0.0.1:{host_port}"
+        self._await_nats(container, host_port)
+        _write_small(url_file(self.ws), url + "\n", 0o644)
+        return url
+
+    def _attach(self, container: Any, networks: Sequence[PackNetwork]) -> None:
+        import docker.errors
+
+        container.reload()
+        attached = set((container.attrs.get("NetworkSettings") or {}).get("Networks") or {})
+        for net in networks:
+            if net.name in attached:
+                continue
+            try:
+                self.client.networks.get(net.id).connect(container, ipv4_address=net.nats_ip)
+            except docker.errors.APIError as exc:
+                raise RuntimeSetupError(f"cannot attach NATS to {net.name}: {_api_message(exc)}") from None
+
+    def reload_nats(self, container: Any | None = None, timeout: float = 10) -> None:
+        """SIGHUP the NATS container twice, each time awaiting its "Reloaded" log line.
+
+        Twice: an account added by a reload answers "no responders" through its imports until a
+        second, identical reload (nats-server 2.15.1).
+        """
+        container = container or self._nats_container()
+        if container is None:
+            raise RuntimeSetupError("the NATS container is not running: `rumi up` starts it")
+        for _ in range(2):
+            before = _count_lines(container, "Reloaded server configuration")
+            failed_before = _count_lines(container, "Failed to reload")
+            container.kill(signal="SIGHUP")
+            deadline = time.monotonic() + timeout
+            while True:
+                if _count_lines(container, "Failed to reload") > failed_before:
+                    raise RuntimeSetupError("nats-server rejected the new config: see `rumi logs --nats`")
+                if _count_lines(container, "Reloaded server configuration") > before:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeSetupError(f"nats-server did not confirm the reload within {timeout:g} s")
+                time.sleep(0.05)
+        self.progress("nats: configuration reloaded")
+
+    def _await_nats(self, container: Any, host_port: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not _nats_answers("127.0.0.1", host_port):
+            container.reload()
+            if container.status in ("exited", "dead"):
+                tail = container.logs(tail=5).decode("utf-8", "replace")
+                raise RuntimeSetupError(f"{container.name} exited: {_last_line(tail) or 'no output'}")
+            if time.monotonic() > deadline:
+                raise RuntimeSetupError(f"NATS did not answer on 127.0.0.1:{host_port} within {timeout:g} s")
+            time.sleep(0.1)
+
+    # -- Packs
+
+    def prepare_pack_files(self, pack_id: str) -> Path:
+        """Copy the Pack's seed into its own credentials dir (0500/0400, its uid); make its sandbox."""
+        from broker.bus.creds import pack_identity
+
+        uid = pack_uid(pack_id)
+        seed = pack_identity(self.ws, pack_id).seed_path.read_bytes()
+        parent = self.pack_creds_dir(pack_id).parent
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(parent, 0o700)
+        target_dir = self.pack_creds_dir(pack_id)
+        target_dir.mkdir(exist_ok=True)
+        target = target_dir / f"{pack_id}.nk"
+        current = target.read_bytes() if target.is_file() and not target.is_symlink() else None
+        if current != seed:
+            tmp = target_dir / f".{pack_id}.{secrets.token_hex(6)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(seed)
+                os.chown(tmp, uid, uid)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        os.chown(target, uid, uid)
+        os.chmod(target, 0o400)
+        os.chown(target_dir, uid, uid)
+        os.chmod(target_dir, 0o500)
+        sandbox = self.ws.pack_sandbox(pack_id)
+        sandbox.mkdir(parents=True, exist_ok=True)
+        os.chown(sandbox, uid, uid)
+        os.chmod(sandbox, 0o700)
+        return target_dir
+
+    def pack_settings(self, pack_id: str, image: str, net: PackNetwork, cfg: RumiConfig) -> dict[str, Any]:
+        """The docker SDK kwargs for a Pack: `pack_container_settings` plus this runtime's names and DNS."""
+        spec = pack_spec(
+            self.ws,
+            cfg,
+            pack_id,
+            image=image,
+            network=net.name,
+            nats_url=net.nats_url,
+            creds_dir=self.pack_creds_dir(pack_id),
+        )
+        settings = pack_container_settings(spec)
+        settings["name"] = self.pack_container_name(pack_id)
+        # The embedded resolver's only upstream: a reserved address of the Pack's own subnet.
+        settings.setdefault("dns", [net.dns_sink])
+        settings.setdefault("dns_opt", list(DNS_OPTIONS))
+        settings.setdefault("dns_search", ["invalid"])
+        return settings
+
+    def _claim_name(self, name: str) -> None:
+        """Remove a container of ours with this name; refuse when someone else's holds it."""
+        import docker.errors
+
+        try:
+            other = self.client.containers.get(name)
+        except docker.errors.NotFound:
+            return
+        mine = other.labels.get(LABEL_WORKSPACE) == self.tag and other.labels.get(LABEL_MANAGED) == "true"
+        if not mine:
+            owner = other.labels.get(LABEL_WORKSPACE)
+            whose = f"Rumi workspace {owner}" if owner else "something that is not this Rumi workspace"
+            raise RuntimeSetupError(
+                f"container name {name} is taken by {whose}: `rumi down` there, or use another --prefix"
+            )
+        other.remove(force=True)
+
+    def start_pack(
+        self, pack_id: str, image: str, net: PackNetwork, cfg: RumiConfig
+    ) -> tuple[Any, bool, float]:
+        """Create and start the Pack's container unless an identical one runs; (container, created, t0)."""
+        import docker.errors
+
+        self.prepare_pack_files(pack_id)
+        settings = self.pack_settings(pack_id, image, net, cfg)
+        image_id = self.client.images.get(image).id
+        digest = self._settings_hash({**settings, "image_id": image_id, "seed": self._seed_digest(pack_id)})
+        settings["labels"] = {**settings["labels"], LABEL_CONFIG_HASH: digest}
+        current = self.client.containers.list(all=True, filters=self._filters(ROLE_PACK, pack_id))
+        for container in current:
+            if container.labels.get(LABEL_CONFIG_HASH) == digest and container.status == "running":
+                return container, False, time.monotonic()
+            container.remove(force=True)
+        self._claim_name(settings["name"])
+        started = time.monotonic()
+        try:
+            container = self.client.containers.create(**settings)
+            container.start()
+        except docker.errors.APIError as exc:
+            raise RuntimeSetupError(
+                f"cannot start the container of Pack {pack_id}: {_api_message(exc)}"
+            ) from None
+        return container, True, started
+
+    def _seed_digest(self, pack_id: str) -> str:
+        path = self.pack_creds_dir(pack_id) / f"{pack_id}.nk"
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    @staticmethod
+    def _settings_hash(settings: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def wait_healthy(self, started: dict[str, tuple[Any, bool, float]], timeout: float) -> list[PackStart]:
+        """Wait until every Pack container is healthy; raise with the first failure's last log line."""
+        pending = dict(started)
+        done: list[PackStart] = []
+        deadline = time.monotonic() + timeout
+        while pending:
+            for pack_id, (container, created, t0) in list(pending.items()):
+                container.reload()
+                state = container.attrs.get("State") or {}
+                health = (state.get("Health") or {}).get("Status")
+                if health == "healthy":
+                    done.append(PackStart(pack_id, container.name, created, time.monotonic() - t0))
+                    del pending[pack_id]
+                    self.progress(f"pack {pack_id}: healthy ({done[-1].seconds_to_healthy:.1f} s)")
+                elif state.get("Status") in ("exited", "dead") or health == "unhealthy":
+                    tail = container.logs(tail=20).decode("utf-8", "replace")
+                    raise RuntimeSetupError(
+                        f"Pack {pack_id} did not become healthy ({state.get('Status')}, {health}): "
+                        f"{_last_line(tail) or 'no output'} (`rumi logs {pack_id}`)"
+                    )
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeSetupError(
+                    f"Packs not healthy within {timeout:g} s: {', '.join(sorted(pending))} (`rumi logs PACK`)"
+                )
+            time.sleep(0.2)
+        return sorted(done, key=lambda p: p.pack_id)
+
+    # -- up / down
+
+    def up(
+        self,
+        pack_ids: Sequence[str] | None = None,
+        *,
+        build: bool = True,
+        with_broker: bool = True,
+        health_timeout: float = 90,
+    ) -> UpReport:
+        """Bring up NATS, the broker and the Packs (all of the workspace's when `pack_ids` is empty)."""
+        cfg = self.ws.load_config()
+        if cfg.nats_url:
+            raise RuntimeSetupError(
+                "docker/config.json sets nats_url, but `rumi up` runs its own NATS container: remove nats_url"
+            )
+        if os.geteuid() != 0:
+            raise RuntimeSetupError(
+                "`rumi up` needs root: it sets host firewall rules and owns Pack files by their uids"
+            )
+        if not self.ws.handlers.is_dir():
+            raise RuntimeSetupError(f"no workspace at {self.ws.root}: run `rumi init` first (or pass --root)")
+        with self._exclusive():
+            return self._up(
+                cfg, pack_ids, build=build, with_broker=with_broker, health_timeout=health_timeout
+            )
+
+    def _up(
+        self,
+        cfg: RumiConfig,
+        pack_ids: Sequence[str] | None,
+        *,
+        build: bool,
+        with_broker: bool,
+        health_timeout: float,
+    ) -> UpReport:
+        from broker.containers import guard as _guard
+        from broker.core.manifest import load_manifest
+
+        began = time.monotonic()
+        self._refuse_embedded_server()
+        wanted = sorted(set(pack_ids or self.ws.pack_ids()))
+        if not wanted:
+            raise RuntimeSetupError("no Packs to run: add one under ecosystem/<pack_id>/ with a pack.json")
+        for pack_id in wanted:
+            load_manifest(self.ws, pack_id)
+        self.progress(f"workspace {self.ws.root} (tag {self.tag}), Packs: {', '.join(wanted)}")
+        tags = self.ensure_images(wanted, build=build)
+        self.ensure_control_network()
+        networks: dict[str, PackNetwork] = {}
+        for pack_id in wanted:
+            networks[pack_id] = self.ensure_pack_network(pack_id)
+            status = _guard.install_guard(networks[pack_id].bridge, self.tag)
+            self.progress(
+                f"network {networks[pack_id].name}: {networks[pack_id].subnet} on {status.bridge}, guard active"
+            )
+        # Every Pack with a network keeps its account: `up a` after `up b` must not cut b off.
+        running = sorted(set(wanted) | set(self.pack_networks()))
+        for pack_id in running:
+            self.prepare_pack_files(pack_id)
+        url = self.ensure_nats(
+            tags["nats"], running, [networks.get(p) or self.ensure_pack_network(p) for p in running]
+        )
+        _write_small(_state_file(self.ws), json.dumps({"prefix": self.prefix, "nats_url": url}) + "\n")
+        self.progress(f"nats: {url}")
+        broker_pid = 0
+        if with_broker:
+            broker_pid = start_broker(self.ws, progress=self.progress)
+        started = {
+            pack_id: self.start_pack(pack_id, tags[f"pack:{pack_id}"], networks[pack_id], cfg)
+            for pack_id in wanted
+        }
+        packs = self.wait_healthy(started, health_timeout)
+        return UpReport(url, broker_pid, packs, time.monotonic() - began)
+
+    @contextlib.contextmanager
+    def _exclusive(self, timeout: float = 300) -> Iterator[None]:
+        """One `up` or `down` at a time per workspace (they would fight over names and subnets)."""
+        self.ws.state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.ws.state / "runtime.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeSetupError(
+                            f"another `rumi up` or `rumi down` holds {self.ws.state / 'runtime.lock'}"
+                        ) from None
+                    time.sleep(0.2)
+            yield
+        finally:
+            os.close(fd)
+
+    def _refuse_embedded_server(self) -> None:
+        from broker.bus.server import _running_pid
+
+        pid = _running_pid(self.ws)
+        if pid is not None:
+            raise RuntimeSetupError(
+                f"an embedded nats-server (pid {pid}) runs for this workspace (`rumi broker`): stop it first"
+            )
+
+    def down(self) -> list[str]:
+        """Stop and remove everything of this workspace: broker, Packs, NATS, networks, guard rules."""
+        if not self.ws.root.is_dir():
+            return []  # a mistyped --root: create nothing there
+        with self._exclusive():
+            return self._down()
+
+    def _down(self) -> list[str]:
+        from broker.bus.server import url_file
+        from broker.containers import guard as _guard
+
+        removed: list[str] = []
+        pid = stop_broker(self.ws)
+        if pid is not None:
+            removed.append(f"broker (pid {pid})")
+        packs = self.client.containers.list(all=True, filters=self._filters(ROLE_PACK))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda c: self._remove_container(c, removed), packs))
+        for container in self.client.containers.list(all=True, filters=self._filters(ROLE_NATS)):
+            self._remove_container(container, removed)
+        bridges: set[str] = set()
+        nets = self.client.networks.list(filters=self._filters())
+        for net in nets:
+            bridge = (net.attrs.get("Options") or {}).get("com.docker.network.bridge.name", "")
+            if net.attrs.get("Labels", {}).get(LABEL_ROLE) == ROLE_PACK_NETWORK and _guard.BRIDGE_RE.match(
+                bridge
+            ):
+                bridges.add(bridge)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda n: self._remove_network(n, removed), nets))
+        for bridge in sorted(bridges | set(_guard.guarded_bridges(self.tag))):
+            _guard.remove_guard(bridge, self.tag)
+            removed.append(f"guard {bridge}")
+        state = _state_file(self.ws)
+        try:
+            recorded = json.loads(state.read_text()).get("nats_url")
+        except (FileNotFoundError, ValueError):
+            recorded = None
+        with contextlib.suppress(FileNotFoundError):
+            if recorded and url_file(self.ws).read_text().strip() == recorded:
+                url_file(self.ws).unlink()
+        state.unlink(missing_ok=True)
+        return removed
+
+    def _remove_container(self, container: Any, removed: list[str]) -> None:
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound):
+            if container.status == "running":
+                container.stop(timeout=10)
+            container.remove(force=True)
+            removed.append(f"container {container.name}")
+
+    def _remove_network(self, net: Any, removed: list[str]) -> None:
+        import docker.errors
+
+        try:
+            net.reload()
+            for endpoint in list((net.attrs.get("Containers") or {}).keys()):
+                with contextlib.suppress(docker.errors.APIError):
+                    net.disconnect(endpoint, force=True)
+            net.remove()
+            removed.append(f"network {net.name}")
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            raise RuntimeSetupError(f"cannot remove network {net.name}: {_api_message(exc)}") from None
+
+    # -- ps / stats / logs
+
+    def status(self) -> RuntimeStatus:
+        """Containers, networks (with guard state), broker pid and NATS URL of this workspace."""
+        from broker.bus.server import url_file
+        from broker.containers import guard as _guard
+
+        containers = []
+        for c in self.client.containers.list(all=True, filters=self._filters()):
+            attrs = c.attrs
+            state = attrs.get("State") or {}
+            nets = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+            ports = []
+            for port, binds in ((attrs.get("NetworkSettings") or {}).get("Ports") or {}).items():
+                for b in binds or []:
+                    ports.append(f"{b.get('HostIp')}:{b.get('HostPort')}->{port}")
+            containers.append(
+                ContainerInfo(
+                    name=c.name,
+                    role=c.labels.get(LABEL_ROLE, "?"),
+                    pack_id=c.labels.get(LABEL_PACK),
+                    state=str(state.get("Status", c.status)),
+                    health=(state.get("Health") or {}).get("Status"),
+                    image=str((attrs.get("Config") or {}).get("Image", "")),
+                    addresses={k: str(v.get("IPAddress", "")) for k, v in nets.items()},
+                    ports=sorted(ports),
+                )
+            )
+        networks = []
+        for net in self.client.networks.list(filters=self._filters()):
+            attrs = net.attrs
+            role = (attrs.get("Labels") or {}).get(LABEL_ROLE, "?")
+            bridge = (attrs.get("Options") or {}).get("com.docker.network.bridge.name", "")
+            subnet = ((attrs.get("IPAM") or {}).get("Config") or [{}])[0].get("Subnet", "")
+            guard = "n/a"
+            if role == ROLE_PACK_NETWORK and _guard.BRIDGE_RE.match(bridge):
+                try:
+                    st = _guard.bridge_guard_status(bridge, self.tag)
+                    guard = "active" if st.active else "missing: " + ", ".join(st.missing())
+                except _guard.GuardError as exc:
+                    guard = f"unknown ({exc})"
+            networks.append(
+                NetworkInfo(
+                    name=str(attrs.get("Name")),
+                    role=role,
+                    pack_id=(attrs.get("Labels") or {}).get(LABEL_PACK),
+                    subnet=str(subnet),
+                    bridge=bridge,
+                    internal=bool(attrs.get("Internal")),
+                    guard=guard,
+                )
+            )
+        try:
+            url: str | None = url_file(self.ws).read_text().strip() or None
+        except FileNotFoundError:
+            url = None
+        return RuntimeStatus(
+            workspace=self.tag,
+            containers=sorted(containers, key=lambda c: (c.role, c.name)),
+            networks=sorted(networks, key=lambda n: (n.role, n.name)),
+            broker_pid=running_broker_pid(self.ws),
+            nats_url=url,
+        )
+
+    def stats(self) -> list[ContainerStats]:
+        """One memory sample per running container of this workspace (Docker stats API, one-shot)."""
+        containers = self.client.containers.list(filters=self._filters())
+
+        def sample(c: Any) -> ContainerStats:
+            raw = c.stats(stream=False, one_shot=True)
+            mem = raw.get("memory_stats") or {}
+            extra = mem.get("stats") or {}
+            usage = int(mem.get("usage", 0))
+            # What `docker stats` shows: page cache that can be dropped is not the container's.
+            cache = int(extra.get("total_inactive_file", extra.get("inactive_file", 0)))
+            return ContainerStats(
+                name=c.name,
+                role=c.labels.get(LABEL_ROLE, "?"),
+                pack_id=c.labels.get(LABEL_PACK),
+                memory_bytes=max(usage - cache, 0),
+                memory_limit=int(mem.get("limit", 0)),
+                pids=int((raw.get("pids_stats") or {}).get("current", 0)),
+                extra={"rss": int(extra.get("total_rss", extra.get("anon", 0)))},
+            )
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            out = list(pool.map(sample, containers))
+        return sorted(out, key=lambda s: (s.role, s.name))
+
+    def container_for(self, pack_id: str | None = None, *, nats: bool = False) -> Any:
+        """The Pack's (or the NATS) container; RuntimeSetupError when it does not exist."""
+        if nats:
+            found = self.client.containers.list(all=True, filters=self._filters(ROLE_NATS))
+            what = "the NATS container"
+        else:
+            found = self.client.containers.list(all=True, filters=self._filters(ROLE_PACK, pack_id))
+            what = f"Pack {pack_id!r}"
+        if not found:
+            raise RuntimeSetupError(f"{what} has no container in this workspace: `rumi up` starts it")
+        return found[0]
+
+    def logs(
+        self, pack_id: str | None, *, nats: bool = False, follow: bool = False, tail: int | None = None
+    ) -> Iterator[bytes]:
+        """The container's log (stdout and stderr), optionally following it."""
+        container = self.container_for(pack_id, nats=nats)
+        kwargs: dict[str, Any] = {"stdout": True, "stderr": True, "tail": tail if tail is not None else "all"}
+        if follow:
+            yield from container.logs(stream=True, follow=True, **kwargs)
+        else:
+            yield container.logs(**kwargs)
+
+
+def _api_message(exc: Exception) -> str:
+    explanation = getattr(exc, "explanation", None)
+    text = str(explanation or exc)
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _count_lines(container: Any, needle: str) -> int:
+    text = container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
+    return len(re.findall(re.escape(needle), text))
+
+
+def _nats_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.settimeout(1.0)
+            # docker-proxy accepts before the server is up: only the server's INFO greeting counts.
+            return sock.recv(5) == b"INFO "
+    except OSError:
+        return False

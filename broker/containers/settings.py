@@ -1,0 +1,163 @@
+"""Container runtime value types, and the one function that turns policy into container settings.
+
+Policy never imports Docker: this module only builds plain settings.  `pack_container_settings`
+starts from "drop every capability" and is the single place where a Pack's confinement is decided;
+the Docker runtime (`broker.containers.engine`) and the Compose generator (`broker.containers.compose`) both
+consume it, so `rumi up` and `docker-compose up` produce the same hardening.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.core.workspace import RumiConfig, Workspace
+
+LABEL_MANAGED = "io.rumi.managed"
+LABEL_WORKSPACE = "io.rumi.workspace"
+LABEL_PACK = "io.rumi.pack"
+LABEL_ROLE = "io.rumi.role"
+
+CREDS_MOUNT = "/run/rumi"
+READY_FILE = "/tmp/rumi-ready"
+PACK_UID_BASE = 20000
+NATS_CONTAINER_PORT = 4222
+PROXY_LISTEN = "127.0.0.1:3128"
+
+
+def workspace_tag(ws: Workspace) -> str:
+    """A short stable id of a workspace, so two workspaces on one engine never touch each other."""
+    return hashlib.sha256(str(ws.root).encode()).hexdigest()[:10]
+
+
+def pack_uid(pack_id: str) -> int:
+    """A distinct non-root uid per Pack (stable), so one Pack's files are not another's."""
+    return PACK_UID_BASE + int(hashlib.sha256(pack_id.encode()).hexdigest()[:6], 16) % 30000
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """Everything needed to run one Pack container."""
+
+    pack_id: str
+    image: str
+    network: str
+    nats_url: str
+    sandbox_dir: Path
+    creds_dir: Path
+    workspace: str
+    memory_limit: str = "128m"
+    cpus: float = 0.5
+    pids_limit: int = 128
+    tmpfs_size: str = "16m"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uid(self) -> int:
+        return pack_uid(self.pack_id)
+
+    @property
+    def container_name(self) -> str:
+        return f"rumi-pack-{self.pack_id}"
+
+    @property
+    def creds_file(self) -> str:
+        return f"{CREDS_MOUNT}/{self.pack_id}.nk"
+
+
+def pack_spec(
+    ws: Workspace, cfg: RumiConfig, pack_id: str, *, image: str, network: str, nats_url: str, creds_dir: Path
+) -> PackSpec:
+    """A PackSpec with limits from docker/config.json (per-Pack settings override the defaults)."""
+    own = cfg.packs.get(pack_id)
+    return PackSpec(
+        pack_id=pack_id,
+        image=image,
+        network=network,
+        nats_url=nats_url,
+        sandbox_dir=ws.pack_sandbox(pack_id),
+        creds_dir=creds_dir,
+        workspace=workspace_tag(ws),
+        memory_limit=(own.memory_limit if own and own.memory_limit else cfg.memory_limit),
+        cpus=(own.cpus if own and own.cpus else cfg.cpus),
+        pids_limit=cfg.pids_limit,
+    )
+
+
+def labels(workspace: str, role: str, pack_id: str | None = None) -> dict[str, str]:
+    """Labels on everything Rumi creates, so cleanup removes exactly what is ours."""
+    out = {LABEL_MANAGED: "true", LABEL_WORKSPACE: workspace, LABEL_ROLE: role}
+    if pack_id is not None:
+        out[LABEL_PACK] = pack_id
+    return out
+
+
+def pack_container_settings(spec: PackSpec) -> dict[str, Any]:
+    """Keyword arguments for docker SDK `containers.create` for one Pack.
+
+    Every capability dropped, no new privileges, read-only root, non-root uid, a sized tmpfs,
+    memory (no extra swap), CPU and pids limits, only the Pack's own sandbox and credentials
+    mounted, only its own internal network, a healthcheck that turns green when the SDK is
+    connected.  Restart policy is `on-failure:5` (docker-bench 5.14): a crashing Pack does not
+    loop forever; after an engine restart `rumi up` brings Packs back.
+    """
+    env = {
+        "RUMI_PACK_ID": spec.pack_id,
+        "RUMI_NATS_URL": spec.nats_url,
+        "RUMI_NATS_CREDS": spec.creds_file,
+        "RUMI_SANDBOX": str(spec.sandbox_dir),
+        "RUMI_READY_FILE": READY_FILE,
+        "HOME": "/tmp",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Unmodified HTTP clients go through the SDK's proxy, i.e. through the broker.
+        "RUMI_PROXY_LISTEN": PROXY_LISTEN,
+        "HTTP_PROXY": f"http://{PROXY_LISTEN}",
+        "HTTPS_PROXY": f"http://{PROXY_LISTEN}",
+        "http_proxy": f"http://{PROXY_LISTEN}",
+        "https_proxy": f"http://{PROXY_LISTEN}",
+        "NO_PROXY": "",
+        "no_proxy": "",
+        **spec.extra_env,
+    }
+    return {
+        "image": spec.image,
+        "name": spec.container_name,
+        "user": f"{spec.uid}:{spec.uid}",
+        "environment": env,
+        "labels": labels(spec.workspace, "pack", spec.pack_id),
+        "network": spec.network,
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={spec.tmpfs_size},mode=1777"},
+        "mem_limit": spec.memory_limit,
+        "memswap_limit": spec.memory_limit,
+        "nano_cpus": int(spec.cpus * 1_000_000_000),
+        "cpu_shares": 512,
+        "pids_limit": spec.pids_limit,
+        "volumes": {
+            str(spec.sandbox_dir): {"bind": str(spec.sandbox_dir), "mode": "rw"},
+            str(spec.creds_dir): {"bind": CREDS_MOUNT, "mode": "ro"},
+        },
+        "healthcheck": {
+            "test": [
+                "CMD",
+                "python3",
+                "-c",
+                f"import os,sys; sys.exit(0 if os.path.exists({READY_FILE!r}) else 1)",
+            ],
+            "interval": 2_000_000_000,
+            "timeout": 2_000_000_000,
+            "retries": 3,
+            "start_period": 1_000_000_000,
+        },
+        "restart_policy": {"Name": "on-failure", "MaximumRetryCount": 5},
+        "ipc_mode": "private",
+        "init": False,
+        "stop_signal": "SIGTERM",
+        "log_config": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+        "detach": True,
+    }

@@ -1,0 +1,162 @@
+"""Workspace layout (CONTRACT.md "Workspace") and runtime settings from docker/config.json."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from broker.core.errors import WorkspaceError
+
+
+class AccountLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Per-Pack NATS account limits (NATS has no rate limit: rates are the broker's job)."""
+
+    max_payload: int = 8 * 1024 * 1024  # replies carry file and HTTP bodies up to the scopes' 7 MiB caps
+    max_connections: int = 4
+    max_subscriptions: int = 64
+
+
+class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_in_flight: int = 256  # tunnel long-polls hold a slot while they wait
+    rate_per_second: float = 200.0
+    burst: int = 400
+    request_timeout: float = 30.0
+    grant_poll_interval: float = 0.2
+
+
+class PackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    memory_limit: str | None = None
+    cpus: float | None = None
+
+
+class RumiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """docker/config.json. Every key is optional."""
+
+    nats_url: str | None = None
+    nats_host: str = "127.0.0.1"
+    nats_port: int = 4222
+    jetstream_sync: str = "always"
+    memory_limit: str = "128m"
+    cpus: float = 0.5
+    pids_limit: int = 128
+    allow_pull: bool = False
+    network_pool: str = "10.213.0.0/16"
+    network_prefix_length: int = 28
+    limits: AccountLimits = AccountLimits()
+    broker: BrokerSettings = BrokerSettings()
+    packs: dict[str, PackSettings] = {}
+
+
+_CONFIG_DECODER = msgspec.json.Decoder(RumiConfig)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths of one workspace root."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str] | None = None) -> Workspace:
+        chosen = root if root is not None else os.environ.get("RUMI_ROOT") or os.getcwd()
+        return cls(Path(chosen).resolve())
+
+    @property
+    def docker(self) -> Path:
+        return self.root / "docker"
+
+    @property
+    def handlers(self) -> Path:
+        return self.docker / "handlers"
+
+    @property
+    def scopes(self) -> Path:
+        return self.docker / "scopes"
+
+    @property
+    def grants(self) -> Path:
+        return self.docker / "grants"
+
+    @property
+    def sandbox(self) -> Path:
+        return self.docker / "sandbox"
+
+    @property
+    def packs(self) -> Path:
+        return self.docker / "packs"
+
+    @property
+    def base(self) -> Path:
+        return self.docker / "base"
+
+    @property
+    def config_file(self) -> Path:
+        return self.docker / "config.json"
+
+    @property
+    def state(self) -> Path:
+        return self.docker / ".rumi"
+
+    @property
+    def ecosystem(self) -> Path:
+        return self.root / "ecosystem"
+
+    def pack_sandbox(self, pack_id: str) -> Path:
+        return self.sandbox / pack_id
+
+    def pack_source(self, pack_id: str) -> Path:
+        return self.ecosystem / pack_id
+
+    def grant_file(self, component_id: str) -> Path:
+        return self.grants / f"{component_id}.json"
+
+    def protected_paths(self, pack_id: str | None = None) -> list[Path]:
+        """Paths no grant may reach: workspace state and code, other Packs' sandboxes.
+
+        With `pack_id`, that Pack's own sandbox is left out (it is its work area).
+        """
+        paths = [
+            self.state,
+            self.ecosystem,
+            self.grants,
+            self.handlers,
+            self.scopes,
+            self.config_file,
+            self.packs,
+            self.base,
+            self.docker / "docker-compose.yml",
+        ]
+        if self.sandbox.is_dir():
+            for child in sorted(self.sandbox.iterdir()):
+                if child.name != pack_id:
+                    paths.append(child)
+        if pack_id is None:
+            paths.append(self.sandbox)
+        return paths
+
+    def load_config(self) -> RumiConfig:
+        try:
+            raw = self.config_file.read_bytes()
+        except FileNotFoundError:
+            return RumiConfig()
+        except OSError as exc:
+            raise WorkspaceError(f"{self.config_file}: cannot read ({exc.strerror})") from None
+        try:
+            return _CONFIG_DECODER.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise WorkspaceError(f"{self.config_file}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise WorkspaceError(f"{self.config_file}: not valid JSON ({exc})") from None
+
+    def pack_ids(self) -> list[str]:
+        """Packs present in ecosystem/ (directories holding a pack.json)."""
+        from broker.core.ids import is_pack_id
+
+        if not self.ecosystem.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.ecosystem.iterdir() if (p / "pack.json").is_file() and is_pack_id(p.name)
+        )

@@ -1,0 +1,1 @@
+"""Who may do what: handler plugins, scopes, grants, the decision, JSON Schemas. No NATS, no Docker."""

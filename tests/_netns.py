@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
 import inspect
 import json
 import os
@@ -29,11 +28,13 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+if TYPE_CHECKING:
+    from tests._handlers import LoadedHandler
+
 HANDLER_FILE = REPO / "config" / "handlers" / "network.py"
 SCOPE_FILE = REPO / "config" / "scopes" / "network.json"
 CORPORA = REPO.parent / "shared" / "corpora"
@@ -364,13 +365,11 @@ class ScriptedResolver:
 
 
 @functools.cache
-def load_network_handler() -> ModuleType:
-    """The shipped handler file, loaded the way the broker loads plugins (by path)."""
-    spec = importlib.util.spec_from_file_location("rumi_test_network_handler", HANDLER_FILE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_network_handler() -> LoadedHandler:
+    """The shipped handler file, loaded and called the way the broker loads and calls plugins."""
+    from tests._handlers import LoadedHandler
+
+    return LoadedHandler(HANDLER_FILE)
 
 
 def scope_defaults() -> dict[str, Any]:

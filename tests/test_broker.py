@@ -58,7 +58,7 @@ async def raw_request(ws: Workspace, pack_id: str, capability: str, payload: byt
 async def test_allowed_and_denied_requests_are_answered_and_audited(
     ws: Workspace, nats_server: object
 ) -> None:
-    sandbox = ws.pack_sandbox("default")
+    sandbox = ws.pack_work_area("default")
     async with running_broker(ws) as broker, connected_pack(ws) as pack:
         ctx = pack.context(TOOL)
         await ctx.file_write(f"{sandbox}/a.txt", b"hello")
@@ -163,7 +163,7 @@ async def test_malformed_messages_get_invalid_request_and_an_audit_event(
             assert reply.error is not None and reply.error.code == "invalid_request", (payload[:20], reply)
         # Still serving.
         async with connected_pack(ws) as pack:
-            await pack.context(TOOL).file_write(f"{ws.pack_sandbox('default')}/ok.txt", b"ok")
+            await pack.context(TOOL).file_write(f"{ws.pack_work_area('default')}/ok.txt", b"ok")
     events = await audit_events(ws, len(MALFORMED) + 1)
     assert [e["code"] for e in events[: len(MALFORMED)]] == ["invalid_request"] * len(MALFORMED)
 
@@ -238,7 +238,7 @@ def wait_for_line(proc: subprocess.Popen[bytes], needle: str, timeout: float = 2
 
 
 async def test_revocation_takes_effect_without_restart(ws: Workspace, nats_server: object) -> None:
-    target = f"{ws.pack_sandbox('default')}/r.txt"
+    target = f"{ws.pack_work_area('default')}/r.txt"
     async with running_broker(ws), connected_pack(ws) as pack:
         ctx = pack.context(TOOL)
         await ctx.file_write(target, b"1")
@@ -258,7 +258,7 @@ async def test_revocation_takes_effect_without_restart(ws: Workspace, nats_serve
         # And granting again works without restart.
         data["permissions"]["file_write"] = {
             "enabled": True,
-            "directories": [str(ws.pack_sandbox("default"))],
+            "directories": [str(ws.pack_work_area("default"))],
         }
         grant.write_text(json.dumps(data))
         t0 = time.monotonic()
@@ -276,7 +276,7 @@ async def test_jetstream_unavailable_refuses_and_does_nothing(ws: Workspace, nat
     """With the audit stream gone (core NATS still up), an allowed write is refused and not performed."""
     from broker.bus.server import connect
 
-    target = Path(f"{ws.pack_sandbox('default')}/never.txt")
+    target = Path(f"{ws.pack_work_area('default')}/never.txt")
     async with running_broker(ws) as broker, connected_pack(ws) as pack:
         admin = await connect(ws, "admin")
         try:
@@ -295,12 +295,12 @@ async def test_custom_handlers_sync_async_and_failing(ws: Workspace, nats_server
     (ws.handlers / "echo_async.py").write_text(
         "META = {'requires_scope': False, 'supports_modes': ['sandbox'], 'description': 'echo'}\n"
         "async def execute(context, args):\n"
-        "    return {'success': True, 'data': {'args': args, 'pack': context['pack_id']}}\n"
+        "    return {'success': True, 'data': {'args': args, 'pack': context.pack_id}}\n"
     )
     (ws.handlers / "echo_sync.py").write_text(
         "META = {'requires_scope': False, 'supports_modes': ['sandbox'], 'description': 'echo'}\n"
         "def execute(context, args):\n"
-        "    return {'success': True, 'data': context['component_id']}\n"
+        "    return {'success': True, 'data': context.component_id}\n"
     )
     (ws.handlers / "boom.py").write_text(
         "META = {'requires_scope': False, 'supports_modes': ['sandbox'], 'description': 'fails'}\n"
@@ -337,7 +337,7 @@ async def test_two_brokers_in_a_queue_group_keep_separate_chains(ws: Workspace, 
 
     async with running_broker(ws) as b1, running_broker(ws) as b2, connected_pack(ws) as pack:
         ctx = pack.context(TOOL)
-        path = f"{ws.pack_sandbox('default')}/q.txt"
+        path = f"{ws.pack_work_area('default')}/q.txt"
         async with anyio.create_task_group() as tg:
             for i in range(60):
                 tg.start_soon(ctx.file_write, path, str(i).encode())
@@ -351,7 +351,7 @@ async def test_two_brokers_in_a_queue_group_keep_separate_chains(ws: Workspace, 
 
 
 async def test_broker_reconnects_after_nats_restart(ws: Workspace, nats_server: Any) -> None:
-    path = f"{ws.pack_sandbox('default')}/re.txt"
+    path = f"{ws.pack_work_area('default')}/re.txt"
     async with running_broker(ws), connected_pack(ws) as pack:
         ctx = pack.context(TOOL)
         await ctx.file_write(path, b"before")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,6 +23,7 @@ from broker.backends.files import (
     read_beneath,
     write_beneath,
 )
+from broker.core.context import HandlerContext, Limits
 from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RequestError, TooLarge, Unavailable
 from broker.core.workspace import Workspace
 
@@ -31,16 +32,15 @@ SECRET = b"TOP-SECRET-OUTSIDE-THE-GRANT"
 INSIDE = b"inside the grant"
 
 
-def ctx(directories: list[str], protected: ProtectedSet | None = None) -> dict[str, Any]:
-    return {
-        "pack_id": "p1",
-        "component_id": "p1:tool:t",
-        "request_id": "r1",
-        "grant": {"enabled": True, "directories": directories, "max_bytes": 1 << 20},
-        "limits": {"timeout": 5},
-        "protected": protected if protected is not None else ProtectedSet(),
-        "audit": {},
-    }
+def ctx(directories: list[str], protected: ProtectedSet | None = None) -> HandlerContext:
+    return HandlerContext(
+        pack_id="p1",
+        component_id="p1:tool:t",
+        request_id="r1",
+        grant={"enabled": True, "directories": directories, "max_bytes": 1 << 20},
+        limits=Limits(timeout=5),
+        protected=protected if protected is not None else ProtectedSet(),
+    )
 
 
 @pytest.fixture
@@ -408,9 +408,9 @@ def test_overlaps(ws: Workspace, tmp_path: Path) -> None:
         (ws.root / "docker/.rumi/../.rumi", True),
         (tmp_path / "alias", True),
         (tmp_path / "alias" / "x", True),
-        (ws.sandbox / "p2", True),
-        (ws.sandbox / "p1", False),
-        (ws.sandbox / "p1" / "out", False),
+        (ws.work_areas / "p2", True),
+        (ws.work_areas / "p1", False),
+        (ws.work_areas / "p1" / "out", False),
         (ws.config_file, True),
         (tmp_path / "other", False),
         (tmp_path / "wsx", False),
@@ -418,7 +418,7 @@ def test_overlaps(ws: Workspace, tmp_path: Path) -> None:
     ]
     for path, expected in table:
         assert ps.overlaps(path) is expected, path
-    assert ProtectedSet.for_pack(ws, None).overlaps(ws.sandbox / "p1")
+    assert ProtectedSet.for_pack(ws, None).overlaps(ws.work_areas / "p1")
 
 
 @pytest.mark.parametrize(
@@ -435,7 +435,7 @@ def test_overlaps(ws: Workspace, tmp_path: Path) -> None:
     ],
 )
 def test_protected_reads_through_a_workspace_grant(ws: Workspace, tail: str, expected: object) -> None:
-    (ws.sandbox / "p1" / "link").symlink_to("../../.rumi/creds")
+    (ws.work_areas / "p1" / "link").symlink_to("../../.rumi/creds")
     context = ctx([str(ws.root)], ProtectedSet.for_pack(ws, "p1"))
     path = f"{ws.root}/{tail}"
     if isinstance(expected, bytes):
@@ -459,8 +459,8 @@ def test_protected_dir_created_later_is_covered(ws: Workspace) -> None:
     context = ctx([str(ws.root)], ps)
     ws.base.mkdir()
     (ws.base / "Dockerfile").write_bytes(SECRET)
-    (ws.sandbox / "p3").mkdir()
-    (ws.sandbox / "p3" / "x").write_bytes(SECRET)
+    (ws.work_areas / "p3").mkdir()
+    (ws.work_areas / "p3" / "x").write_bytes(SECRET)
     for tail in ["docker/base/Dockerfile", "docker/sandbox/p3/x"]:
         with pytest.raises(Denied):
             read_beneath(context, f"{ws.root}/{tail}", 1000)
@@ -488,8 +488,7 @@ def test_protected_writes_through_a_workspace_grant(ws: Workspace, tail: str) ->
 
 
 def test_missing_protected_set_fails_closed(tree: dict[str, Path]) -> None:
-    context = ctx([str(tree["grant"])])
-    del context["protected"]
+    context = dataclasses.replace(ctx([str(tree["grant"])]), protected=None)
     with pytest.raises(HandlerFailed):
         read_beneath(context, f"{tree['grant']}/inside.txt", 1000)
 

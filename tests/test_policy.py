@@ -39,7 +39,7 @@ META = {"requires_scope": True, "supports_modes": ["sandbox"], "description": "f
         "grant_schema": Grant, "target": "path"}
 
 def execute(context, args):
-    return {"success": True, "data": context["grant"]}
+    return {"success": True, "data": dict(context.grant)}
 """
 
 PING_HANDLER = """
@@ -59,8 +59,8 @@ def make_ws(tmp_path: Path) -> Workspace:
         ws.scopes,
         ws.grants,
         ws.state,
-        ws.sandbox / "a",
-        ws.sandbox / "b",
+        ws.work_areas / "a",
+        ws.work_areas / "b",
         ws.packs,
         ws.base,
     ):
@@ -218,14 +218,14 @@ def protected_cases(ws: Workspace, tmp_path: Path) -> list[tuple[str, str]]:
         (str(ws.scopes), "is the protected workspace path"),
         (str(ws.config_file), "is the protected workspace path"),
         (str(ws.ecosystem / "a"), "is inside the protected workspace path"),
-        (str(ws.sandbox / "b"), "is the protected workspace path"),
-        (str(ws.sandbox / "b" / "deep"), "is inside the protected workspace path"),
-        (str(ws.sandbox / "future-pack"), "is inside another Pack's sandbox"),
-        (str(ws.sandbox), "contains the protected workspace path"),
+        (str(ws.work_areas / "b"), "is the protected workspace path"),
+        (str(ws.work_areas / "b" / "deep"), "is inside the protected workspace path"),
+        (str(ws.work_areas / "future-pack"), "is inside another Pack's sandbox"),
+        (str(ws.work_areas), "contains the protected workspace path"),
         (str(link), "is the protected workspace path"),
         (str(link / "sub"), "is inside the protected workspace path"),
         (str(deep_link / ".rumi"), "is the protected workspace path"),
-        (str(ws.sandbox / "a" / ".." / "b"), "is the protected workspace path"),
+        (str(ws.work_areas / "a" / ".." / "b"), "is the protected workspace path"),
     ]
 
 
@@ -246,13 +246,13 @@ def test_protected_directories_refused(ws: Workspace, tmp_path: Path) -> None:
 def test_allowed_directories(ws: Workspace, outside: Path) -> None:
     for directory in (
         str(outside),
-        str(ws.sandbox / "a"),
-        str(ws.sandbox / "a" / "work"),
+        str(ws.work_areas / "a"),
+        str(ws.work_areas / "a" / "work"),
         "/nonexistent/yet",
     ):
         assert check_directory(ws, "a", directory) is None, directory
     # The same directory is another Pack's sandbox for b.
-    assert "is the protected workspace path" in (check_directory(ws, "b", str(ws.sandbox / "a")) or "")
+    assert "is the protected workspace path" in (check_directory(ws, "b", str(ws.work_areas / "a")) or "")
 
 
 def test_symlink_swapped_in_after_grant_is_rechecked(ws: Workspace) -> None:

@@ -235,14 +235,14 @@ def test_granted_directory_checks(ws: Workspace, area: dict[str, Path], tmp_path
     sock_dir.mkdir()
     engine_sock = socket.socket(socket.AF_UNIX)
     engine_sock.bind(str(sock_dir / "docker.sock"))
-    ws.pack_sandbox("other").mkdir(parents=True, exist_ok=True)
+    ws.pack_work_area("other").mkdir(parents=True, exist_ok=True)
     protected = ProtectedSet.for_pack(ws, PACK)
     cases: list[tuple[str, type[Exception], str]] = [
         (str(link), Denied, "symbolic link"),
         (f"{via_link}/grant", Denied, "symbolic link"),
         (str(ws.state), Denied, "protected"),
         (str(ws.grants), Denied, "protected"),
-        (str(ws.pack_sandbox("other")), Denied, "protected"),
+        (str(ws.pack_work_area("other")), Denied, "protected"),
         (str(ws.root), Denied, "protected"),
         ("/", Denied, "system"),
         ("/proc/self", Denied, "system"),
@@ -262,11 +262,11 @@ def test_granted_directory_checks(ws: Workspace, area: dict[str, Path], tmp_path
             with pytest.raises(error, match=match):
                 with _sandbox.open_granted_directories([path], protected, [str(sock_dir / "docker.sock")]):
                     pass
-        ws.pack_sandbox(PACK).mkdir(parents=True, exist_ok=True)
+        ws.pack_work_area(PACK).mkdir(parents=True, exist_ok=True)
         with _sandbox.open_granted_directories(
-            [str(area["grant"]), f"{area['grant']}/", str(ws.pack_sandbox(PACK))], protected, []
+            [str(area["grant"]), f"{area['grant']}/", str(ws.pack_work_area(PACK))], protected, []
         ) as opened:
-            assert [g.path for g in opened] == [str(area["grant"]), str(ws.pack_sandbox(PACK))]
+            assert [g.path for g in opened] == [str(area["grant"]), str(ws.pack_work_area(PACK))]
             fds = [g.fd for g in opened]
         for fd in fds:
             with pytest.raises(OSError):
@@ -355,8 +355,7 @@ def test_container_spec_starts_from_nothing() -> None:
 def test_output_fits_one_reply(
     out: int, err: int, limit: int | None, expected: tuple[int, int, bool]
 ) -> None:
-    limits = {} if limit is None else {"max_reply_bytes": limit}
-    stdout, stderr, trimmed = terminal.fit_reply(b"o" * out, b"e" * err, limits)
+    stdout, stderr, trimmed = terminal.fit_reply(b"o" * out, b"e" * err, limit)
     assert (len(stdout), len(stderr), trimmed) == expected
 
 
@@ -723,7 +722,7 @@ def test_through_the_broker(engine: Any, ws: Workspace, nats_server: object) -> 
     from .conftest import connected_pack, running_broker
     from .test_broker import audit_events
 
-    sandbox = ws.pack_sandbox(PACK)
+    sandbox = ws.pack_work_area(PACK)
     if ROOT:
         os.chown(sandbox, _sandbox.SANDBOX_UID, _sandbox.SANDBOX_GID)
     tool = f"{PACK}:tool:my_tool"

@@ -72,6 +72,7 @@ __all__ = [
     "parse_destination",
     "parse_host_entry",
     "refusal_reason",
+    "resolve",
     "resolve_system",
     "url_target",
 ]
@@ -553,7 +554,7 @@ async def resolve_system(host: str, port: int) -> list[IPAddress]:
     return found
 
 
-async def _resolve(resolver: Resolver, dest: Destination) -> list[IPAddress]:
+async def resolve(resolver: Resolver, dest: Destination) -> list[IPAddress]:
     """One resolution of `dest.host`, normalised and de-duplicated; an IP literal is its own answer."""
     if dest.address is not None:
         return [dest.address]
@@ -905,7 +906,7 @@ async def fetch(
     if len(body) > limits.max_request_bytes:
         raise TooLarge(f"request body is larger than {limits.max_request_bytes} bytes")
     dest = parse_destination(request.url)
-    resolve: Resolver = resolver if resolver is not None else resolve_system
+    resolver_fn: Resolver = resolver if resolver is not None else resolve_system
     ssl_context = _ssl_context(verify)
     sent = 0
     came_from: str | None = None
@@ -916,7 +917,7 @@ async def fetch(
                 notes["redirects"] = hop
                 try:
                     policy.check_destination(dest)
-                    addresses = policy.check_addresses(dest, await _resolve(resolve, dest))
+                    addresses = policy.check_addresses(dest, await resolve(resolver_fn, dest))
                 except Denied as exc:
                     if came_from is None:
                         raise

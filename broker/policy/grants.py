@@ -4,7 +4,7 @@ Deny is the default. A request runs only when its capability has a loaded handle
 handler requires is installed and valid, the component belongs to the Pack the server authenticated,
 and that component's grant file holds an enabled, valid entry for the capability.
 
-Files (CONTRACT.md "Workspace"):
+Files (docs/architecture.md, "Workspace"):
 - `docker/scopes/<capability>.json`: `{"version": "1.0", "description": ..., "default_config": {...}}`.
 - `docker/grants/<component_id>.json`: `{"component_id": ..., "permissions": {"<capability>": {...}}}`.
 
@@ -44,9 +44,9 @@ import anyio
 import anyio.abc
 import msgspec
 
-from broker.backends.files import ProtectedSet
 from broker.core.errors import Denied, GrantError, ScopeError, UnknownCapability, WorkspaceError
 from broker.core.ids import CAPABILITY_RE, parse_component_id
+from broker.core.protected import ProtectedSet
 from broker.core.workspace import Workspace
 from broker.policy.plugins import HandlerPlugin, HandlerRegistry, WatchedDirectory, display_path
 
@@ -230,7 +230,7 @@ class _ProtectedForms:
     @classmethod
     def of(cls, ws: Workspace, pack_id: str | None) -> _ProtectedForms:
         paths = [(form, str(path)) for path in ws.protected_paths(pack_id) for form in _forms(path)]
-        return cls(pack_id, list(dict.fromkeys(paths)), _forms(ws.sandbox))
+        return cls(pack_id, list(dict.fromkeys(paths)), _forms(ws.work_areas))
 
 
 def check_directory(
@@ -261,10 +261,10 @@ def check_directory(
     for form in forms:
         for sandbox in protected.sandboxes:
             if _within(sandbox, form):
-                return f"directory {directory!r} contains the Pack sandboxes {ws.sandbox}"
+                return f"directory {directory!r} contains the Pack sandboxes {ws.work_areas}"
             own = (*sandbox, pack_id) if pack_id else None
             if _within(form, sandbox) and (own is None or not _within(form, own)):
-                return f"directory {directory!r} is inside another Pack's sandbox under {ws.sandbox}"
+                return f"directory {directory!r} is inside another Pack's sandbox under {ws.work_areas}"
     return None
 
 
@@ -305,113 +305,158 @@ def check_grant_document(
     protected_cache: dict[str, _ProtectedForms] | None = None,
 ) -> GrantFileState:
     """Check one grant file's bytes as if stored at `path` (the loader and `rumi grant` share this)."""
+    doc = _read_grant_document(path, data)
+    if isinstance(doc, GrantFileState):
+        return doc
+    pack_id, document = doc
+    if protected_cache is None:
+        protected_cache = {}
+    if pack_id not in protected_cache:
+        protected_cache[pack_id] = _ProtectedForms.of(ws, pack_id)
+    check = _EntryCheck(ws, scopes, pack_id, display_path(path), protected_cache[pack_id])
+    fatal: list[GrantError] = []
+    skipped: list[GrantError] = []
+    entries: dict[str, dict[str, Any]] = {}
+    grants: dict[str, dict[str, Any]] = {}
+    for cap, raw in sorted(document.permissions.items()):
+        result = check.entry(cap, raw, plugins.get(cap), plugins)
+        if isinstance(result, _Skipped):
+            skipped.append(result.error)
+        elif isinstance(result, GrantError):
+            fatal.append(result)
+        else:
+            entries[cap], grants[cap] = result
+    name = document.component_id
+    if fatal:
+        return GrantFileState(path, name, document.permissions, {}, {}, (*fatal, *skipped), False)
+    return GrantFileState(path, name, document.permissions, entries, grants, tuple(skipped), True)
+
+
+def _invalid_file(
+    path: Path, message: str, component: str | None = None, written: Mapping[str, Any] | None = None
+) -> GrantFileState:
+    return GrantFileState(path, component, written or {}, {}, {}, (GrantError(message),), False)
+
+
+def _read_grant_document(path: Path, data: bytes) -> tuple[str, _GrantFileLoose] | GrantFileState:
+    """The file's pack id and document, or the state of a file that is invalid as a whole."""
     shown = display_path(path)
     name = path.name.removesuffix(".json")
-
-    def invalid(
-        message: str, component: str | None = None, written: Mapping[str, Any] | None = None
-    ) -> GrantFileState:
-        return GrantFileState(path, component, written or {}, {}, {}, (GrantError(message),), False)
-
     try:
         pack_id = parse_component_id(name)[0]
     except ValueError as exc:
-        return invalid(f"{shown}: file name must be <component_id>.json: {exc}")
+        return _invalid_file(path, f"{shown}: file name must be <component_id>.json: {exc}")
     try:
         doc = _GRANT_DECODER.decode(data)
     except msgspec.ValidationError as exc:
-        return invalid(f"{shown}: {exc}", name)
+        return _invalid_file(path, f"{shown}: {exc}", name)
     except msgspec.DecodeError as exc:
-        return invalid(f"{shown}: not valid JSON ({exc})", name)
+        return _invalid_file(path, f"{shown}: not valid JSON ({exc})", name)
     if doc.component_id != name:
-        return invalid(
+        return _invalid_file(
+            path,
             f"{shown}: component_id {doc.component_id!r} does not match the file name "
             f"(must be {doc.component_id}.json) - at `$.component_id`",
             name,
             doc.permissions,
         )
-    if protected_cache is None:
-        protected_cache = {}
-    if pack_id not in protected_cache:
-        protected_cache[pack_id] = _ProtectedForms.of(ws, pack_id)
-    protected = protected_cache[pack_id]
+    return pack_id, doc
 
-    fatal: list[GrantError] = []
-    skipped: list[GrantError] = []
-    entries: dict[str, dict[str, Any]] = {}
-    grants: dict[str, dict[str, Any]] = {}
-    for cap, raw in sorted(doc.permissions.items()):
-        where = f"$.permissions.{cap}"
+
+@dataclass(frozen=True)
+class _Skipped:
+    """An entry ignored without invalidating the file (its handler is not installed)."""
+
+    error: GrantError
+
+
+@dataclass(frozen=True)
+class _EntryCheck:
+    """Checks the entries of one grant file: schema, scope defaults, directories."""
+
+    ws: Workspace
+    scopes: ScopeSet
+    pack_id: str
+    shown: str
+    protected: _ProtectedForms
+
+    def entry(
+        self, cap: str, raw: object, plugin: HandlerPlugin | None, plugins: Mapping[str, HandlerPlugin]
+    ) -> tuple[dict[str, Any], dict[str, Any]] | GrantError | _Skipped:
+        """(entry as written and typed, entry merged over the scope) or why it is refused."""
+        shown, where = self.shown, f"$.permissions.{cap}"
         if not isinstance(raw, dict):
             kind = {"list": "array", "NoneType": "null"}.get(type(raw).__name__, type(raw).__name__)
-            fatal.append(GrantError(f"{shown}: Expected `object`, got `{kind}` - at `{where}`"))
-            continue
-        plugin = plugins.get(cap)
+            return GrantError(f"{shown}: Expected `object`, got `{kind}` - at `{where}`")
         if plugin is None:
             installed = ", ".join(sorted(plugins)) or "none"
-            skipped.append(
+            return _Skipped(
                 GrantError(
                     f"{shown}: no handler {cap!r} is installed (installed: {installed}); "
                     f"entry ignored - at `{where}`"
                 )
             )
-            continue
-        scope = scopes.scopes.get(cap)
+        scope = self.scopes.scopes.get(cap)
         scope_config = scope.default_config if scope is not None else {}
         names = _field_names(plugin.grant_schema)
         unknown = sorted(k for k in raw if k not in names)
         if unknown:
-            fatal.append(GrantError(f"{shown}: Object contains unknown field `{unknown[0]}` - at `{where}`"))
-            continue
+            return GrantError(f"{shown}: Object contains unknown field `{unknown[0]}` - at `{where}`")
         from_scope = {k: v for k, v in scope_config.items() if k in names and k != "enabled"}
+        struct = self._convert(cap, raw, from_scope, plugin)
+        if isinstance(struct, GrantError):
+            return struct
+        entry = msgspec.to_builtins(struct)
+        merged = {**scope_config, **entry}
+        problem = self._directories(cap, merged.get("directories"), from_written="directories" in raw)
+        if problem is not None:
+            return problem
+        return entry, merged
+
+    def _scope_shown(self, cap: str) -> str:
+        return display_path(self.scopes.paths.get(cap, self.ws.scopes / f"{cap}.json"))
+
+    def _convert(
+        self, cap: str, raw: dict[str, Any], from_scope: dict[str, Any], plugin: HandlerPlugin
+    ) -> msgspec.Struct | GrantError:
+        shown, where = self.shown, f"$.permissions.{cap}"
         try:
-            struct = msgspec.convert({**from_scope, **raw}, plugin.grant_schema)
+            struct: msgspec.Struct = msgspec.convert({**from_scope, **raw}, plugin.grant_schema)
         except msgspec.ValidationError as exc:
             message = str(exc)
             key = _first_key(message)
             if key is not None and key not in raw and key in from_scope:
-                scope_shown = display_path(scopes.paths.get(cap, ws.scopes / f"{cap}.json"))
-                fatal.append(
-                    GrantError(
-                        f"{shown}: {where} takes a bad default from {scope_shown}: "
-                        f"{_rebase(message, '$.default_config')}"
-                    )
+                return GrantError(
+                    f"{shown}: {where} takes a bad default from {self._scope_shown(cap)}: "
+                    f"{_rebase(message, '$.default_config')}"
                 )
-            else:
-                fatal.append(GrantError(f"{shown}: {_rebase(message, where)}"))
-            continue
+            return GrantError(f"{shown}: {_rebase(message, where)}")
         except Exception as exc:  # a grant_schema's __post_init__ may raise anything
             detail = " ".join(str(exc).split())
-            fatal.append(GrantError(f"{shown}: {type(exc).__name__}: {detail} - at `{where}`"))
-            continue
-        entry = msgspec.to_builtins(struct)
-        merged = {**scope_config, **entry}
-        directories = merged.get("directories")
-        if directories is not None:
-            problem: str | None = None
-            if not isinstance(directories, list):
-                problem = "directories must be a list of absolute paths"
-            else:
-                for d in directories:
-                    if (problem := check_directory(ws, pack_id, d, protected=protected)) is not None:
-                        break
-            if problem is not None:
-                if "directories" in raw:
-                    fatal.append(GrantError(f"{shown}: {problem} - at `{where}.directories`"))
-                else:
-                    scope_shown = display_path(scopes.paths.get(cap, ws.scopes / f"{cap}.json"))
-                    fatal.append(
-                        GrantError(
-                            f"{shown}: {where} takes a bad default from {scope_shown}: "
-                            f"{problem} - at `$.default_config.directories`"
-                        )
-                    )
-                continue
-        entries[cap] = entry
-        grants[cap] = merged
-    if fatal:
-        return GrantFileState(path, name, doc.permissions, {}, {}, (*fatal, *skipped), False)
-    return GrantFileState(path, name, doc.permissions, entries, grants, tuple(skipped), True)
+            return GrantError(f"{shown}: {type(exc).__name__}: {detail} - at `{where}`")
+        return struct
+
+    def _directories(self, cap: str, directories: object, *, from_written: bool) -> GrantError | None:
+        if directories is None:
+            return None
+        problem: str | None = None
+        if not isinstance(directories, list):
+            problem = "directories must be a list of absolute paths"
+        else:
+            for d in directories:
+                if (
+                    problem := check_directory(self.ws, self.pack_id, d, protected=self.protected)
+                ) is not None:
+                    break
+        if problem is None:
+            return None
+        where = f"$.permissions.{cap}"
+        if from_written:
+            return GrantError(f"{self.shown}: {problem} - at `{where}.directories`")
+        return GrantError(
+            f"{self.shown}: {where} takes a bad default from {self._scope_shown(cap)}: "
+            f"{problem} - at `$.default_config.directories`"
+        )
 
 
 @dataclass(frozen=True)
@@ -465,7 +510,7 @@ class GrantStore:
 
     def _layout_stamp(self) -> tuple[object, ...]:
         stamps: list[object] = []
-        for path in (self.ws.docker, self.ws.sandbox):
+        for path in (self.ws.docker, self.ws.work_areas):
             try:
                 st = path.stat()
                 stamps.append((st.st_ino, st.st_mtime_ns))
@@ -606,12 +651,6 @@ class Policy:
     def refresh(self) -> bool:
         """Pick up changed handlers, scopes and grants."""
         return self.grants.refresh()
-
-    async def watch(
-        self, *, interval: float, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Poll for changes every `interval` seconds until cancelled."""
-        await self.grants.watch(interval=interval, task_status=task_status)
 
     def decide(self, pack_id: str, component_id: str, capability: str) -> Decision:
         """Allow or refuse; raise UnknownCapability or Denied (messages are safe to show the Pack).

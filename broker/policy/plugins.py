@@ -4,13 +4,19 @@ A handler file is trusted code (the admin installed it), but a malformed one mus
 down: each file is loaded on its own, and a file that fails to import or has the wrong shape is refused
 with a one-line `PluginError` while the others load.
 
-Shape (CONTRACT.md "Handler plugins")::
+Shape (docs/handlers.md; handler files import only `broker.handler_api`)::
 
     META = {"requires_scope": bool, "supports_modes": ["sandbox", ...], "description": str,
             "grant_schema": <msgspec.Struct subclass with `enabled: bool = False`>,   # optional
             "args_schema": <msgspec.Struct subclass>,                                  # optional
-            "target": "<arg name>" or callable(args) -> str}                           # optional
-    def execute(context: dict, args: dict) -> dict: ...   # or async def
+            "target": "<arg name>" or callable(raw_args) -> str,                       # optional
+            "continuation": callable(raw_args) -> bool}                                # optional
+    def execute(ctx: HandlerContext, args) -> dict: ...      # or async def
+    def authorize(grant: Mapping[str, Any], args) -> None     # optional, pure: raise Denied
+    def shutdown() -> None                                    # optional (or async): end open sessions
+
+`execute` and `authorize` get what the service validated: an `args_schema` instance, or the request's
+dict without one. `target` and `continuation` get the request's args as sent (a dict).
 """
 
 from __future__ import annotations
@@ -84,6 +90,19 @@ class HandlerPlugin:
     path: Path
     # callable(args) -> bool: the request continues a session opened by an audited request
     continuation: Callable[[dict[str, Any]], bool] | None = None
+    # authorize(grant, args): pure argument check before the decision is recorded; raises Denied
+    authorize: Callable[[Mapping[str, Any], Any], None] | None = None
+    # shutdown(): called once when the broker stops, to end the handler's open sessions
+    shutdown: Callable[[], Any] | None = None
+
+    def convert_args(self, args: Mapping[str, Any]) -> Any:
+        """The request's args as the handler takes them: validated into `args_schema`, or a plain dict.
+
+        Raises msgspec.ValidationError when they do not fit the schema.
+        """
+        if self.args_schema is None:
+            return dict(args)
+        return msgspec.convert(dict(args), self.args_schema)
 
 
 def display_path(path: Path) -> str:
@@ -234,6 +253,16 @@ def _check_grant_schema(shown: str, value: object) -> type[msgspec.Struct]:
     return schema
 
 
+def _takes_two_positional(fn: Callable[..., Any]) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required_kw = [p for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    return len(positional) == 2 and not required_kw and not any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
 def _check_execute(shown: str, value: object) -> tuple[Callable[..., Any], bool]:
     if not callable(value):
         raise PluginError(f"{shown}: execute must be a function execute(context, args)")
@@ -258,7 +287,7 @@ def _plugin_from_module(name: str, path: Path, module: types.ModuleType) -> Hand
     shown = display_path(path)
     meta = getattr(module, "META", None)
     if not isinstance(meta, dict):
-        raise PluginError(f"{shown}: META must be a dict (see CONTRACT.md 'Handler plugins')")
+        raise PluginError(f"{shown}: META must be a dict (see docs/handlers.md)")
     unknown = sorted(str(k) for k in meta if k not in _META_KEYS)
     if unknown:
         known = ", ".join(_META_KEYS)
@@ -291,6 +320,14 @@ def _plugin_from_module(name: str, path: Path, module: types.ModuleType) -> Hand
     if continuation is not None and not callable(continuation):
         raise PluginError(f"{shown}: META['continuation'] must be callable(args) -> bool")
     execute, is_async = _check_execute(shown, getattr(module, "execute", None))
+    authorize = getattr(module, "authorize", None)
+    if authorize is not None and not _takes_two_positional(authorize):
+        raise PluginError(f"{shown}: authorize must be a function authorize(grant, args)")
+    if authorize is not None and inspect.iscoroutinefunction(authorize):
+        raise PluginError(f"{shown}: authorize must be a plain (not async) function: it is a pure check")
+    shutdown = getattr(module, "shutdown", None)
+    if shutdown is not None and not callable(shutdown):
+        raise PluginError(f"{shown}: shutdown must be a function shutdown() (sync or async)")
     return HandlerPlugin(
         name=name,
         requires_scope=meta["requires_scope"],
@@ -303,6 +340,8 @@ def _plugin_from_module(name: str, path: Path, module: types.ModuleType) -> Hand
         is_async=is_async,
         path=path,
         continuation=continuation,
+        authorize=authorize,
+        shutdown=shutdown,
     )
 
 

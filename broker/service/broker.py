@@ -12,12 +12,15 @@ capacity limit, never inside a nats-py callback, so a flood cannot block the rea
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import re
 import secrets
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +28,9 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from broker.audit.trail import utc_timestamp
+from broker.audit.trail import audit_fields
 from broker.core import errors
+from broker.core.context import HandlerContext, Limits
 from broker.core.ids import CAPABILITY_RE, PACK_ID_RE
 from broker.core.protocol import (
     BROKER_QUEUE,
@@ -44,7 +48,8 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from broker.audit.trail import AuditWriter
-    from broker.policy.grants import Policy
+    from broker.policy.grants import Decision, GrantStore, Policy
+    from broker.policy.plugins import HandlerPlugin
 
 log = logging.getLogger("rumi.broker")
 
@@ -93,21 +98,29 @@ class RequestRecord:
         """The id to answer with: the Pack's own, or '' when it sent none we could read."""
         return "" if self.request_id.startswith("x-") else self.request_id
 
-    def fields(self, decision: str, code: str, **extra: Any) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "v": 1,
-            "ts": utc_timestamp(),
-            "request_id": self.request_id,
-            "pack_id": self.pack_id,
-            "component_id": self.component_id,
-            "capability": self.capability,
-            "target": self.target,
-            "decision": decision,
-            "code": code,
-            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
-        }
-        event.update({k: v for k, v in extra.items() if v is not None})
-        return event
+    def fields(
+        self,
+        decision: str,
+        code: str,
+        *,
+        phase: str | None = None,
+        message: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """This request's event fields (the chain adds its own), built and capped by the audit layer."""
+        return audit_fields(
+            request_id=self.request_id,
+            pack_id=self.pack_id,
+            component_id=self.component_id,
+            capability=self.capability,
+            target=self.target,
+            decision=decision,
+            code=code,
+            duration_ms=(time.perf_counter() - self.started) * 1000,
+            phase=phase,
+            message=message,
+            extra=extra or None,
+        )
 
 
 class Broker:
@@ -123,6 +136,7 @@ class Broker:
         self.served = 0
         self._nc: Client | None = None
         self._policy: Policy | None = None
+        self._grants: GrantStore | None = None
         self._audit: AuditWriter | None = None
         self._aggregator: Any = None
         self._max_reply = 1024 * 1024
@@ -148,6 +162,7 @@ class Broker:
         for gerr in grants.errors:
             log.error("%s", gerr)
         self._policy = Policy(self.ws, registry, grants)
+        self._grants = grants
         nc = await connect(self.ws, "broker", name="rumi-broker")
         self._nc = nc
         self._max_reply = int(getattr(nc, "max_payload", 0) or 1024 * 1024)
@@ -157,19 +172,17 @@ class Broker:
         log.info("broker %s serving %s", self.chain_id, REQUEST_WILDCARD)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_policy, self.cfg.broker.grant_poll_interval)
+                tg.start_soon(functools.partial(grants.watch, interval=self.cfg.broker.grant_poll_interval))
                 tg.start_soon(self._aggregator.run)
                 async with anyio.create_task_group() as requests:
                     task_status.started()
                     tg.start_soon(self._stop_reading, sub, requests)
                     async for msg in sub.messages:
                         requests.start_soon(self._handle, msg)
-                # All in-flight requests are done (drained): end open tunnels (their outcome
-                # events are written now, not lost), then stop the helpers.
-                from broker.backends.tunnels import tunnel_table
-
+                # All in-flight requests are done (drained): handlers end their open sessions
+                # (a tunnel's outcome event is written now, not lost), then stop the helpers.
                 with anyio.move_on_after(5, shield=True):
-                    await tunnel_table().close_all("broker_stopping")
+                    await self._shutdown_handlers()
                 await self._aggregator.flush()
                 tg.cancel_scope.cancel()
         finally:
@@ -191,14 +204,18 @@ class Broker:
         """Stop taking requests, drain in-flight ones, then return from `serve`."""
         self.stopping.set()
 
-    async def _watch_policy(self, interval: float) -> None:
+    async def _shutdown_handlers(self) -> None:
+        """Call each loaded handler's `shutdown` hook once; a failing hook is logged, the rest still run."""
         assert self._policy is not None
-        while True:
-            await anyio.sleep(interval)
+        for name, plugin in sorted(self._policy.registry.plugins.items()):
+            if plugin.shutdown is None:
+                continue
             try:
-                await anyio.to_thread.run_sync(self._policy.refresh)
-            except Exception:
-                log.exception("policy reload failed; keeping the previous policy")
+                result = plugin.shutdown()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.error("shutdown hook of handler %s failed: %s", name, type(exc).__name__)
 
     # -- one request -----------------------------------------------------------------------
     async def _handle(self, msg: Msg) -> None:
@@ -255,7 +272,25 @@ class Broker:
             raise errors.Denied("request did not come from this Pack's account")
 
     async def _decide_and_run(self, msg: Msg, rec: RequestRecord) -> bytes:
-        assert self._policy is not None and self._audit is not None
+        """decode → decide → validate args → authorize → decision event → handler → outcome → reply."""
+        assert self._policy is not None
+        req = self._decode(msg, rec)
+        decision = self._policy.decide(rec.pack_id, req.component_id, rec.capability)
+        plugin = decision.plugin
+        raw = dict(req.args)
+        args = self._validated_args(plugin, raw)
+        rec.target = self._target(plugin, raw)
+        if plugin.authorize is not None:
+            plugin.authorize(decision.grant, args)  # pure: raises Denied before anything is recorded
+        # A continuation (e.g. data on a tunnel) belongs to a session whose opening request was
+        # audited; the grant is still checked above on every one, so revocation ends it.
+        continuation = plugin.continuation is not None and bool(plugin.continuation(raw))
+        if not continuation and not await self._record_decision(rec):
+            return error_reply(rec.request_id, "unavailable", "audit log unavailable; request refused")
+        context = self._context(rec, decision)
+        return await self._run_handler(plugin, context, args, rec)
+
+    def _decode(self, msg: Msg, rec: RequestRecord) -> Any:
         if len(msg.data) > self.cfg.limits.max_payload:
             raise errors.TooLarge("request is larger than the payload limit")
         try:
@@ -270,67 +305,80 @@ class Broker:
             raise errors.InvalidRequest(
                 f"unsupported protocol version {req.v}; this broker speaks {PROTOCOL_VERSION}"
             )
-        decision = self._policy.decide(rec.pack_id, req.component_id, rec.capability)
-        plugin = decision.plugin
-        if plugin.args_schema is not None:
-            try:
-                msgspec.convert(req.args, plugin.args_schema)
-            except msgspec.ValidationError as exc:
-                raise errors.InvalidRequest(f"invalid arguments: {exc}") from None
-        try:
-            rec.target = str(plugin.target(dict(req.args)))[:MAX_TARGET]
-        except Exception:
-            rec.target = ""
-        # A continuation (e.g. data on a tunnel) belongs to a session whose opening request was
-        # audited; the grant is still checked above on every one, so revocation ends it.
-        continuation = plugin.continuation is not None and bool(plugin.continuation(dict(req.args)))
-        if not continuation:
-            # Write-ahead: the allow decision is stored before anything happens.
-            try:
-                await self._audit.record(rec.fields("allow", "ok", phase="decision"), msg_id=rec.request_id)
-            except errors.AuditError:
-                log.error("audit unavailable: refusing %s %s", rec.pack_id, rec.capability)
-                return error_reply(rec.request_id, "unavailable", "audit log unavailable; request refused")
-        audit_extra: dict[str, Any] = {}
+        return req
 
+    @staticmethod
+    def _validated_args(plugin: HandlerPlugin, raw: Mapping[str, Any]) -> Any:
+        try:
+            return plugin.convert_args(raw)
+        except msgspec.ValidationError as exc:
+            raise errors.InvalidRequest(f"invalid arguments: {exc}") from None
+
+    @staticmethod
+    def _target(plugin: HandlerPlugin, raw: dict[str, Any]) -> str:
+        try:
+            return str(plugin.target(raw))[:MAX_TARGET]
+        except Exception:
+            return ""
+
+    async def _record_decision(self, rec: RequestRecord) -> bool:
+        """Write-ahead: the allow decision is stored before anything happens. False if it could not be."""
+        assert self._audit is not None
+        try:
+            await self._audit.record(rec.fields("allow", "ok", phase="decision"), msg_id=rec.request_id)
+        except errors.AuditError:
+            log.error("audit unavailable: refusing %s %s", rec.pack_id, rec.capability)
+            return False
+        return True
+
+    def _context(self, rec: RequestRecord, decision: Decision) -> HandlerContext:
         async def record_outcome(request_id: str, target: str, fields: dict[str, Any]) -> None:
             """Let a handler complete a session's audit later (tunnel closed, idle timeout)."""
             later = RequestRecord(request_id=request_id, pack_id=rec.pack_id, capability=rec.capability)
             later.component_id, later.target = rec.component_id, target
             await self._outcome(later, None, fields)
 
-        context = {
-            "pack_id": rec.pack_id,
-            "component_id": rec.component_id,
-            "request_id": rec.request_id,
-            "grant": decision.grant,
-            "limits": {"timeout": self.cfg.broker.request_timeout, "max_reply_bytes": self._max_reply - 1024},
-            "protected": decision.protected,
-            "workspace_root": str(self.ws.root),
-            "audit": audit_extra,
-            "record_outcome": record_outcome,
+        def current_grant() -> Mapping[str, Any] | None:
             # Long-lived sessions re-check their grant: revocation ends them, not only new requests.
-            "current_grant": lambda: self._policy_decide(rec.pack_id, rec.component_id, rec.capability).grant,
-        }
+            try:
+                return self._policy_decide(rec.pack_id, rec.component_id, rec.capability).grant
+            except errors.RequestError:
+                return None
+
+        return HandlerContext(
+            pack_id=rec.pack_id,
+            component_id=rec.component_id,
+            request_id=rec.request_id,
+            grant=decision.grant,
+            limits=Limits(timeout=self.cfg.broker.request_timeout, max_reply_bytes=self._max_reply - 1024),
+            protected=decision.protected,
+            workspace_root=self.ws.root,
+            record_outcome=record_outcome,
+            current_grant=current_grant,
+        )
+
+    async def _run_handler(
+        self, plugin: HandlerPlugin, context: HandlerContext, args: Any, rec: RequestRecord
+    ) -> bytes:
         try:
             with anyio.fail_after(self.cfg.broker.request_timeout):
-                result = await self._execute(plugin, context, dict(req.args))
+                result = await self._execute(plugin, context, args)
             data = result.get("data") if isinstance(result, dict) else None
             if not isinstance(result, dict) or result.get("success") is not True:
                 raise errors.HandlerFailed("handler returned no success")
         except TimeoutError:
-            await self._outcome(rec, errors.Timeout("handler did not finish in time"), audit_extra)
+            await self._outcome(rec, errors.Timeout("handler did not finish in time"), context.audit)
             return error_reply(rec.request_id, "timeout", "handler did not finish in time")
         except errors.RequestError as exc:
-            await self._outcome(rec, exc, audit_extra)
+            await self._outcome(rec, exc, context.audit)
             return error_reply(rec.request_id, exc.code, exc.message)
         except Exception as exc:
             log.warning("handler %s failed: %s", rec.capability, type(exc).__name__)
             safe = errors.HandlerFailed("handler failed")
-            await self._outcome(rec, safe, audit_extra)
+            await self._outcome(rec, safe, context.audit)
             return error_reply(rec.request_id, safe.code, safe.message)
-        if audit_extra:
-            await self._outcome(rec, None, audit_extra)
+        if context.audit:
+            await self._outcome(rec, None, context.audit)
         payload = ok_reply(rec.request_id, data)
         if len(payload) > self._max_reply:
             # The server would drop an oversized reply and the Pack would only see a timeout.
@@ -339,11 +387,11 @@ class Broker:
             )
         return payload
 
-    def _policy_decide(self, pack_id: str, component_id: str, capability: str) -> Any:
+    def _policy_decide(self, pack_id: str, component_id: str, capability: str) -> Decision:
         assert self._policy is not None
         return self._policy.decide(pack_id, component_id, capability)
 
-    async def _execute(self, plugin: Any, context: dict[str, Any], args: dict[str, Any]) -> Any:
+    async def _execute(self, plugin: HandlerPlugin, context: HandlerContext, args: Any) -> Any:
         if plugin.is_async:
             return await plugin.execute(context, args)
         # Blocking handlers (file I/O, Docker) run off the event loop.

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from broker.core.errors import Denied, HandlerFailed
+from broker.handler_api import Denied, HandlerContext, HandlerFailed
 
 SECRETS_FILE = ("docker", ".rumi", "secrets.env")
 
@@ -47,7 +47,7 @@ def _unquote(value: str) -> str:
     return value
 
 
-def _from_secrets_file(workspace_root: str, key: str) -> str | None:
+def _from_secrets_file(workspace_root: Path, key: str) -> str | None:
     """The value of `key` in the secrets file, or None when the file or the key is absent."""
     path = Path(workspace_root, *SECRETS_FILE)
     try:
@@ -71,16 +71,15 @@ def _from_secrets_file(workspace_root: str, key: str) -> str | None:
     return found
 
 
-def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-    """Return the value of `args["key"]` if the grant lists it exactly."""
-    key = args["key"]
-    allowed = context["grant"].get("allowed_keys") or []
-    if not isinstance(key, str) or not key or not isinstance(allowed, list) or key not in allowed:
+def execute(ctx: HandlerContext, args: EnvReadArgs) -> dict[str, Any]:
+    """Return the value of `args.key` if the grant lists it exactly."""
+    key = args.key
+    allowed = ctx.grant.get("allowed_keys") or []
+    if not key or not isinstance(allowed, list) or key not in allowed:
         raise Denied("key is not granted")
     value: str | None = None
-    root = context.get("workspace_root")
-    if isinstance(root, str) and root:
-        value = _from_secrets_file(root, key)
+    if ctx.workspace_root is not None:
+        value = _from_secrets_file(ctx.workspace_root, key)
     if value is None:
         value = os.environ.get(key)
     if value is None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from broker.backends.files import write_beneath
+from broker.handler_api import HandlerContext, write_beneath
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
@@ -39,11 +39,9 @@ META: dict[str, Any] = {
 }
 
 
-def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+def execute(ctx: HandlerContext, args: FileWriteArgs) -> dict[str, Any]:
     """Write `data` to `path`; return {"bytes_written": n}."""
-    max_bytes = int(context["grant"].get("max_bytes", DEFAULT_MAX_BYTES))
-    written = write_beneath(context, args["path"], args["data"], max_bytes)
-    audit = context.get("audit")
-    if isinstance(audit, dict):
-        audit["bytes"] = written
+    max_bytes = int(ctx.grant.get("max_bytes", DEFAULT_MAX_BYTES))
+    written = write_beneath(ctx, args.path, args.data, max_bytes)
+    ctx.audit["bytes"] = written
     return {"success": True, "data": {"bytes_written": written}}

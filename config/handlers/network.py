@@ -5,6 +5,7 @@ in `allowed_ports` are reached. The broker resolves names itself, refuses loopba
 link-local, metadata and other special addresses unless an IP/CIDR entry names them, and connects
 to exactly the address it checked. Redirects are followed by hand and checked again at every hop.
 Fetches live in `broker.backends.egress`, tunnels in `broker.backends.tunnels`; see docs/network.md.
+The open tunnels are closed by `shutdown()` when the broker stops (their outcome events are written).
 
 Ops (`op`, default "fetch"):
 
@@ -24,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
-from broker.backends import egress as _egress
-from broker.backends import tunnels as _tunnel
-from broker.core.errors import Denied, HandlerFailed, InvalidRequest
+from broker.handler_api import HandlerContext, HandlerFailed, InvalidRequest
+from broker.handler_api import egress as _egress
+from broker.handler_api import tunnels as _tunnel
 
 OPS = ("fetch", "open", "send", "recv", "close")
 CONTINUATIONS = frozenset({"send", "recv", "close"})
@@ -47,12 +50,35 @@ _REQUIRED = {"fetch": ("method", "url"), "open": ("host", "port"), "send": ("tun
 
 
 class NetworkArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Request args of every op (a plain Struct: the broker validates it; `execute` checks combinations)."""
+    """Request args of every op. UNSET marks a key the request did not give: each op takes only its own."""
 
     op: str = "fetch"
+    method: str | UnsetType | None = UNSET
+    url: str | UnsetType | None = UNSET
+    headers: dict[str, str] | UnsetType = UNSET
+    body: bytes | UnsetType = UNSET
+    follow_redirects: bool | UnsetType = UNSET
+    host: str | UnsetType | None = UNSET
+    port: int | UnsetType | None = UNSET
+    tunnel: str | UnsetType | None = UNSET
+    data: bytes | UnsetType = UNSET
+    eof: bool | UnsetType = UNSET
+    max_bytes: int | UnsetType = UNSET
+    wait: float | UnsetType = UNSET
+
+    def given(self) -> list[str]:
+        """The keys this request gave (in declaration order)."""
+        return [name for name in self.__struct_fields__ if getattr(self, name) is not UNSET]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One op's arguments with the defaults filled in."""
+
+    op: str
     method: str | None = None
     url: str | None = None
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
     body: bytes = b""
     follow_redirects: bool = True
     host: str | None = None
@@ -62,6 +88,10 @@ class NetworkArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     eof: bool = False
     max_bytes: int = _tunnel.MAX_CHUNK_BYTES
     wait: float = 0.0
+
+    @classmethod
+    def of(cls, args: NetworkArgs) -> _Call:
+        return cls(**{name: getattr(args, name) for name in args.given() if name != "op"}, op=args.op)
 
 
 class NetworkGrant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -83,7 +113,7 @@ class NetworkGrant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         # Typing the entries here turns a bad entry into a grant-file error at load time.
         _egress.EgressPolicy.from_grant(self.allowed_domains, self.allowed_ports)
         grant = msgspec.structs.asdict(self)
-        _limits(grant, {})
+        _limits(grant, None)
         _tunnel.TunnelLimits.from_grant(grant)
 
 
@@ -117,13 +147,12 @@ META: dict[str, Any] = {
 }
 
 
-def _limits(grant: dict[str, Any], limits: dict[str, Any]) -> _egress.EgressLimits:
+def _limits(grant: Mapping[str, Any], broker_timeout: float | None) -> _egress.EgressLimits:
     """Grant (over scope) values, else built-in defaults; never longer than the broker's own timeout."""
     base = _egress.EgressLimits()
     configured = grant.get("timeout")
     timeout = base.timeout if configured is None else float(configured)
-    broker_timeout = limits.get("timeout")
-    if isinstance(broker_timeout, int | float) and broker_timeout > 0:
+    if broker_timeout is not None and broker_timeout > 0:
         timeout = min(timeout, float(broker_timeout))
 
     def pick(key: str, default: int) -> int:
@@ -144,54 +173,54 @@ def _policy(domains: tuple[str, ...], ports: tuple[int, ...]) -> _egress.EgressP
     return _egress.EgressPolicy.from_grant(domains, ports)
 
 
-def _check_fields(call: NetworkArgs, args: dict[str, Any]) -> None:
-    if call.op not in _OP_FIELDS:
-        raise InvalidRequest(f"op {call.op[:20]!r} is not one of {', '.join(OPS)}")
-    extra = sorted(k for k in args if k not in _OP_FIELDS[call.op])
+def _check_fields(args: NetworkArgs) -> _Call:
+    if args.op not in _OP_FIELDS:
+        raise InvalidRequest(f"op {args.op[:20]!r} is not one of {', '.join(OPS)}")
+    extra = sorted(k for k in args.given() if k not in _OP_FIELDS[args.op])
     if extra:
-        raise InvalidRequest(f"op {call.op!r} does not take `{extra[0]}`")
-    missing = [k for k in _REQUIRED[call.op] if getattr(call, k) is None]
+        raise InvalidRequest(f"op {args.op!r} does not take `{extra[0]}`")
+    call = _Call.of(args)
+    missing = [k for k in _REQUIRED[args.op] if getattr(call, k) is None]
     if missing:
-        raise InvalidRequest(f"op {call.op!r} needs `{missing[0]}`")
+        raise InvalidRequest(f"op {args.op!r} needs `{missing[0]}`")
+    return call
 
 
-async def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+async def shutdown() -> None:
+    """The broker is stopping: close every open tunnel (each writes its outcome event)."""
+    await _tunnel.tunnel_table().close_all("broker_stopping")
+
+
+async def execute(ctx: HandlerContext, args: NetworkArgs) -> dict[str, Any]:
     """Run one op if the grant allows it."""
-    grant = context.get("grant") or {}
-    if grant.get("enabled") is not True:
-        raise Denied("network is not granted")
-    try:
-        call = msgspec.convert(args, NetworkArgs)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"invalid arguments: {exc}") from None
-    _check_fields(call, args)
+    call = _check_fields(args)
+    grant = ctx.grant
     try:
         policy = _policy(tuple(grant.get("allowed_domains") or ()), tuple(grant.get("allowed_ports") or ()))
-        limits = _limits(grant, context.get("limits") or {})
-        tunnel_limits = _tunnel.TunnelLimits.from_grant(grant)
+        limits = _limits(grant, ctx.limits.timeout)
+        tunnel_limits = _tunnel.TunnelLimits.from_grant(dict(grant))
     except (ValueError, TypeError):
         raise HandlerFailed("the network grant is invalid; ask the admin to fix it") from None
     if call.op == "fetch":
-        return await _fetch(context, call, policy, limits)
+        return await _fetch(ctx, call, policy, limits)
     if call.op == "open":
-        return await _open(context, call, policy, tunnel_limits)
-    return await _continue(context, call, policy, limits)
+        return await _open(ctx, call, policy, tunnel_limits)
+    return await _continue(ctx, call, policy, limits)
 
 
-async def _fetch(context: dict[str, Any], call: NetworkArgs, policy: _egress.EgressPolicy,
+async def _fetch(ctx: HandlerContext, call: _Call, policy: _egress.EgressPolicy,
                  limits: _egress.EgressLimits) -> dict[str, Any]:
     assert call.method is not None and call.url is not None
     if not call.follow_redirects:
         limits = dataclasses.replace(limits, max_redirects=0)  # the caller (a proxy client) follows them
-    audit = context.get("audit")
     response = await _egress.fetch(
         _egress.EgressRequest(method=call.method, url=call.url, headers=call.headers, body=call.body),
         policy,
         limits,
-        # Test hooks only: the broker never puts these keys into a context.
-        resolver=context.get("egress_resolver"),
-        verify=context.get("egress_verify"),
-        audit=audit if isinstance(audit, dict) else None,
+        # Test hooks only: the broker leaves them None.
+        resolver=ctx.resolver,
+        verify=ctx.tls_verify,
+        audit=ctx.audit,
     )
     return {
         "success": True,
@@ -203,35 +232,34 @@ async def _fetch(context: dict[str, Any], call: NetworkArgs, policy: _egress.Egr
     }
 
 
-async def _open(context: dict[str, Any], call: NetworkArgs, policy: _egress.EgressPolicy,
+async def _open(ctx: HandlerContext, call: _Call, policy: _egress.EgressPolicy,
                 limits: _tunnel.TunnelLimits) -> dict[str, Any]:
     dest = _tunnel.tunnel_destination(call.host, call.port)
     policy.check_destination(dest)
-    resolver = context.get("egress_resolver") or _egress.resolve_system  # looked up now: tests patch it
-    addresses = policy.check_addresses(dest, await _egress._resolve(resolver, dest))
-    record_outcome = context.get("record_outcome")
-    if not callable(record_outcome):
+    resolver = ctx.resolver or _egress.resolve_system  # looked up now: tests patch it
+    addresses = policy.check_addresses(dest, await _egress.resolve(resolver, dest))
+    if ctx.record_outcome is None:
         raise HandlerFailed("this broker cannot audit tunnels; upgrade it")
     table = _tunnel.tunnel_table()
     tunnel = await table.open(
-        pack_id=context["pack_id"], component_id=context["component_id"],
-        request_id=context["request_id"], dest=dest, addresses=addresses, limits=limits,
-        record_outcome=record_outcome, still_granted=_still_granted(context),
+        pack_id=ctx.pack_id, component_id=ctx.component_id,
+        request_id=ctx.request_id, dest=dest, addresses=addresses, limits=limits,
+        record_outcome=ctx.record_outcome, still_granted=_still_granted(ctx),
     )
     # No `audit` fields here: the outcome event of this request is written once, at close.
     return {"success": True, "data": {"tunnel": tunnel.tunnel_id}}
 
 
-def _still_granted(context: dict[str, Any]) -> Any:
-    """A periodic revocation check, when the broker offers `current_grant()` (raises Denied if gone)."""
-    current_grant = context.get("current_grant")
-    if not callable(current_grant):
+def _still_granted(ctx: HandlerContext) -> Any:
+    """A periodic revocation check, when the broker offers `current_grant()` (None once revoked)."""
+    current_grant = ctx.current_grant
+    if current_grant is None:
         return None
 
     def check(tunnel: Any) -> bool:
         try:
             grant = current_grant()
-            if not isinstance(grant, dict) or grant.get("enabled") is not True:
+            if not isinstance(grant, Mapping) or grant.get("enabled") is not True:
                 return False
             policy = _policy(tuple(grant.get("allowed_domains") or ()), tuple(grant.get("allowed_ports") or ()))
             policy.check_destination(tunnel.dest)
@@ -243,10 +271,10 @@ def _still_granted(context: dict[str, Any]) -> Any:
     return check
 
 
-async def _continue(context: dict[str, Any], call: NetworkArgs, policy: _egress.EgressPolicy,
+async def _continue(ctx: HandlerContext, call: _Call, policy: _egress.EgressPolicy,
                     limits: _egress.EgressLimits) -> dict[str, Any]:
     table = _tunnel.tunnel_table()
-    tunnel = table.get(context["pack_id"], context["component_id"], call.tunnel)
+    tunnel = table.get(ctx.pack_id, ctx.component_id, call.tunnel)
     # The grant may have been narrowed since `open`: the same check, on the current grant.
     await table.check_granted(tunnel, policy)
     if call.op == "send":
@@ -255,8 +283,8 @@ async def _continue(context: dict[str, Any], call: NetworkArgs, policy: _egress.
         if call.max_bytes < 1:
             raise InvalidRequest("max_bytes must be at least 1")
         max_bytes = call.max_bytes
-        reply_cap = (context.get("limits") or {}).get("max_reply_bytes")
-        if isinstance(reply_cap, int) and reply_cap > 0:
+        reply_cap = ctx.limits.max_reply_bytes
+        if reply_cap > 0:
             max_bytes = min(max_bytes, max(1, reply_cap - 256))  # data plus the reply's few fields
         # Answer well inside the broker's own deadline, so a long-poll never turns into a timeout.
         wait = max(0.0, min(call.wait, _tunnel.MAX_WAIT_SECONDS, limits.timeout - 2.0))

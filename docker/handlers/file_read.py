@@ -1,6 +1,6 @@
 """Built-in handler file_read: read a file inside a granted directory.
 
-Resolution is the kernel's (openat2 beneath the grant, see broker.backends.files): symlinks may not leave the
+Resolution is the kernel's (openat2 beneath the grant, see `broker.backends.files`): symlinks may not leave the
 grant, magic links are refused, protected workspace paths are refused by device and inode.
 """
 
@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from broker.backends.files import read_beneath
+from broker.handler_api import HandlerContext, read_beneath
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
@@ -38,11 +38,9 @@ META: dict[str, Any] = {
 }
 
 
-def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+def execute(ctx: HandlerContext, args: FileReadArgs) -> dict[str, Any]:
     """Return the file's content as bytes, at most `max_bytes` (scope default 7 MiB, below the NATS payload limit)."""
-    max_bytes = int(context["grant"].get("max_bytes", DEFAULT_MAX_BYTES))
-    data = read_beneath(context, args["path"], max_bytes)
-    audit = context.get("audit")
-    if isinstance(audit, dict):
-        audit["bytes"] = len(data)
+    max_bytes = int(ctx.grant.get("max_bytes", DEFAULT_MAX_BYTES))
+    data = read_beneath(ctx, args.path, max_bytes)
+    ctx.audit["bytes"] = len(data)
     return {"success": True, "data": data}

@@ -5,7 +5,7 @@ Data: `{"exit_code": int, "stdout": bytes, "stderr": bytes, "timed_out": bool, "
 
 argv is exec form: nothing interprets it. A shell (or another command interpreter) as argv[0], or
 behind a wrapper such as `env`/`timeout`/`xargs`, is refused unless the grant says `"shell": true`.
-That rule states intent, it is not the boundary: the sandbox is (see broker.backends.terminal and
+That rule states intent, it is not the boundary: the sandbox is (see `broker.backends.terminal` and
 docs/terminal.md): only the granted directories, no network, no capabilities, a read-only root,
 non-root, a fixed environment, time/output/memory/pids limits, and a new container per command.
 """
@@ -13,15 +13,22 @@ non-root, a fixed environment, time/output/memory/pids limits, and a new contain
 # No `from __future__ import annotations`: msgspec must see real types even when the
 # broker loads this file without registering it in sys.modules.
 import math
+from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 import msgspec
 
-from broker.backends import terminal as _sandbox
-from broker.core.errors import Denied, HandlerFailed, InvalidRequest
-from broker.backends.files import find_grant_root, protected_set
-from broker.core.ids import is_pack_id
+from broker.handler_api import (
+    Denied,
+    HandlerContext,
+    HandlerFailed,
+    InvalidRequest,
+    find_grant_root,
+    is_pack_id,
+    protected_set,
+)
+from broker.handler_api import sandbox as _sandbox
 
 MAX_ARGS = 1024
 MAX_ARG_CHARS = 32 * 1024
@@ -135,7 +142,7 @@ def _check_argv(argv: list[str]) -> None:
         raise InvalidRequest(f"argv is longer than {MAX_ARGV_CHARS} characters in total")
 
 
-def _scope(grant: dict[str, Any]) -> _ScopeConfig:
+def _scope(grant: Mapping[str, Any]) -> _ScopeConfig:
     fields = {k: grant[k] for k in _ScopeConfig.__struct_fields__ if k in grant and grant[k] is not None}
     try:
         return msgspec.convert(fields, _ScopeConfig)
@@ -144,12 +151,11 @@ def _scope(grant: dict[str, Any]) -> _ScopeConfig:
 
 
 
-def _timeout(requested: float | None, scope: _ScopeConfig, limits: dict[str, Any]) -> float:
+def _timeout(requested: float | None, scope: _ScopeConfig, broker_timeout: float) -> float:
     """The command's timeout: asked (else the scope's), at most max_timeout, inside the broker's limit."""
     wanted = scope.timeout if requested is None else requested
     timeout = min(wanted, scope.max_timeout)
-    broker_timeout = limits.get("timeout")
-    if isinstance(broker_timeout, int | float) and math.isfinite(broker_timeout) and broker_timeout > 0:
+    if math.isfinite(broker_timeout) and broker_timeout > 0:
         # Answer with timed_out before the broker gives up on the request.
         margin = min(SETUP_MARGIN, broker_timeout / 4)
         timeout = min(timeout, broker_timeout - margin)
@@ -169,13 +175,13 @@ def _cwd(cwd: str | None, directories: list[str]) -> str:
     return "/" + "/".join(c for c in cwd.split("/") if c)
 
 
-def fit_reply(stdout: bytes, stderr: bytes, limits: dict[str, Any]) -> tuple[bytes, bytes, bool]:
+def fit_reply(stdout: bytes, stderr: bytes, max_reply_bytes: int | None) -> tuple[bytes, bytes, bool]:
     """Trim output so the whole reply fits one NATS message (else the Pack gets too_large, no output).
 
-    stderr keeps at least a quarter of the budget when both are long. Returns (stdout, stderr, trimmed).
+    `max_reply_bytes` is the broker's (None or 0: the default). stderr keeps at least a quarter of the
+    budget when both are long. Returns (stdout, stderr, trimmed).
     """
-    limit = limits.get("max_reply_bytes")
-    reply = int(limit) if isinstance(limit, int) and limit > 0 else DEFAULT_MAX_REPLY_BYTES
+    reply = max_reply_bytes if max_reply_bytes and max_reply_bytes > 0 else DEFAULT_MAX_REPLY_BYTES
     budget = max(0, reply - REPLY_OVERHEAD_BYTES)
     if len(stdout) + len(stderr) <= budget:
         return stdout, stderr, False
@@ -184,16 +190,10 @@ def fit_reply(stdout: bytes, stderr: bytes, limits: dict[str, Any]) -> tuple[byt
     return stdout[:out_keep], stderr[:err_keep], True
 
 
-def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+def execute(ctx: HandlerContext, args: TerminalArgs) -> dict[str, Any]:
     """Run argv in a new sandbox container; return its exit code and (capped) output."""
-    grant = context.get("grant") or {}
-    if grant.get("enabled") is not True:
-        raise Denied("terminal is not granted")
-    try:
-        call = msgspec.convert(args, TerminalArgs)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"invalid arguments: {exc}") from None
-    argv = list(call.argv)
+    grant = ctx.grant
+    argv = list(args.argv)
     _check_argv(argv)
     if grant.get("shell") is not True:
         refuse_shell(argv)
@@ -202,22 +202,21 @@ def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(raw_dirs, list) or not raw_dirs or not all(isinstance(d, str) for d in raw_dirs):
         raise Denied("no directories are granted to terminal")
     directories = ["/" + "/".join(c for c in d.split("/") if c) for d in raw_dirs]
-    cwd = _cwd(call.cwd, directories)
-    broker_limits = context.get("limits") or {}
+    cwd = _cwd(args.cwd, directories)
     limits = _sandbox.SandboxLimits(
-        timeout=_timeout(call.timeout, scope, broker_limits),
+        timeout=_timeout(args.timeout, scope, ctx.limits.timeout),
         max_output_bytes=scope.max_output_bytes,
         memory_limit=scope.memory_limit,
         pids_limit=scope.pids_limit,
         cpus=scope.cpus,
         tmp_size=scope.tmp_size,
     )
-    pack_id = context.get("pack_id")
-    if not isinstance(pack_id, str) or not is_pack_id(pack_id):
+    pack_id = ctx.pack_id
+    if not is_pack_id(pack_id):
         raise HandlerFailed("the broker gave no valid pack id; terminal is refused")
     with (
         _sandbox.command_slot(pack_id, scope.max_concurrent),
-        _sandbox.open_granted_directories(directories, protected_set(context)) as granted,
+        _sandbox.open_granted_directories(directories, protected_set(ctx)) as granted,
     ):
         home, _ = find_grant_root(cwd, [g.path for g in granted])
         owner = next(g for g in granted if g.path == home)
@@ -229,23 +228,21 @@ def execute(context: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
             uid=uid,
             gid=gid,
             mounts=tuple((g.path, g.identity) for g in granted),
-            stdin=call.stdin,
+            stdin=args.stdin,
         )
         result = _sandbox.run_in_sandbox(_sandbox.engine(), scope.image, command, limits, pack_id=pack_id)
-    stdout, stderr, trimmed = fit_reply(result.stdout, result.stderr, broker_limits)
+    stdout, stderr, trimmed = fit_reply(result.stdout, result.stderr, ctx.limits.max_reply_bytes)
     truncated = result.truncated or trimmed
-    audit = context.get("audit")
-    if isinstance(audit, dict):
-        # Sizes and status only: never the output itself.
-        audit.update(
-            exit_code=result.exit_code,
-            run_ms=round(result.duration * 1000, 1),
-            stdout_bytes=result.stdout_total,
-            stderr_bytes=result.stderr_total,
-            timed_out=result.timed_out,
-            truncated=truncated,
-            oom_killed=result.oom_killed,
-        )
+    # Sizes and status only: never the output itself.
+    ctx.audit.update(
+        exit_code=result.exit_code,
+        run_ms=round(result.duration * 1000, 1),
+        stdout_bytes=result.stdout_total,
+        stderr_bytes=result.stderr_total,
+        timed_out=result.timed_out,
+        truncated=truncated,
+        oom_killed=result.oom_killed,
+    )
     return {
         "success": True,
         "data": {

@@ -1,0 +1,77 @@
+"""Call a shipped handler file the way the service does, from a test.
+
+The file is loaded by the broker's own loader (`load_handler_source`); `execute` converts a test's
+dict context into the typed `HandlerContext`, refuses a disabled grant and validates the args with
+the handler's `args_schema`, as `broker.service` does before it runs a handler. The service's side
+of this is tested end to end through a real broker (tests/test_broker.py, tests/test_handler_api.py).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from broker.core.context import HandlerContext, Limits
+from broker.core.errors import Denied, InvalidRequest
+from broker.policy.plugins import HandlerPlugin, load_handler_source
+
+REPO = Path(__file__).resolve().parents[1]
+HANDLERS = REPO / "config" / "handlers"
+
+# Dict keys tests use → HandlerContext fields.
+_RENAMED = {"egress_resolver": "resolver", "egress_verify": "tls_verify"}
+_FIELDS = set(HandlerContext.__dataclass_fields__)
+
+
+def as_context(context: HandlerContext | Mapping[str, Any]) -> HandlerContext:
+    """A HandlerContext from a test's dict (unknown keys are a mistake in the test, not ignored)."""
+    if isinstance(context, HandlerContext):
+        return context
+    values: dict[str, Any] = {}
+    for key, value in context.items():
+        name = _RENAMED.get(key, key)
+        if name not in _FIELDS:
+            raise TypeError(f"HandlerContext has no field for {key!r}")
+        values[name] = value
+    limits = values.get("limits")
+    if isinstance(limits, Mapping):
+        values["limits"] = Limits(
+            timeout=float(limits.get("timeout", math.inf)), max_reply_bytes=int(limits.get("max_reply_bytes", 0))
+        )
+    root = values.get("workspace_root")
+    if isinstance(root, str):
+        values["workspace_root"] = Path(root)
+    return HandlerContext(**values)
+
+
+class LoadedHandler:
+    """A handler file's module (attributes pass through) whose `execute` is called as the service calls it."""
+
+    def __init__(self, path: Path) -> None:
+        self.plugin: HandlerPlugin = load_handler_source(path, path.read_bytes())
+        self.module = sys.modules[self.plugin.execute.__module__]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    def execute(self, context: HandlerContext | Mapping[str, Any], args: Mapping[str, Any]) -> Any:
+        ctx = as_context(context)
+        if ctx.grant.get("enabled") is not True:
+            raise Denied(f"no grant for {self.plugin.name}")
+        try:
+            converted = self.plugin.convert_args(args)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(f"invalid arguments: {exc}") from None
+        if self.plugin.authorize is not None:
+            self.plugin.authorize(ctx.grant, converted)
+        return self.plugin.execute(ctx, converted)
+
+
+def load_handler(name: str) -> LoadedHandler:
+    """A shipped handler file (config/handlers/<name>.py), loaded as the broker loads plugins."""
+    return LoadedHandler(HANDLERS / f"{name}.py")

@@ -3,7 +3,7 @@
 
     python create_dockerfile.py [--root R] [--prefix P] [PACK...]
 
-The same generators as `rumi compose` (broker/_packimage.py, broker/_compose.py); build the images with
+The same generators as `rumi compose` (broker/containers/packimage.py, broker/containers/compose.py); build the images with
 `rumi build` (or `docker-compose -f docker/docker-compose.yml build` once the base images exist).
 """
 

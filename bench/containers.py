@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.admin.init import init_workspace
-from broker.containers.engine import DockerRuntime, docker_client
+from broker.containers.engine import DockerRuntime
+from broker.core.docker_client import docker_client
 from broker.containers.images import image_sizes
 from broker.containers.packimage import pack_layer_size
 from broker.core.workspace import Workspace

@@ -16,15 +16,10 @@ import nkeys
 
 from broker.bus.creds import Identity
 from broker.bus.server import EmbeddedServer
+from broker.core.net import free_port
 from broker.core.workspace import RumiConfig, Workspace
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:

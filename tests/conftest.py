@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import anyio
 import pytest
 
 from broker.admin.init import init_workspace
+from broker.core.net import free_port
 from broker.core.workspace import Workspace
+from tests._handlers import load_handler
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
@@ -24,12 +23,6 @@ CORPORA = REPO.parent / "shared" / "corpora"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -91,17 +84,15 @@ async def connected_pack(ws: Workspace, pack_id: str = "default") -> AsyncIterat
 
 def docker_engine(timeout: int = 60) -> Any:
     """A Docker client, or skip (fail when CI=true) with what to do."""
-    import docker
+    from broker.core.docker_client import docker_client
+    from broker.core.errors import EngineUnavailable
 
     try:
-        client = docker.from_env(version="auto", timeout=timeout)
-        client.ping()
-    except Exception as exc:
-        message = f"no Docker engine answers ({str(exc).splitlines()[0][:160]}); run scripts/ensure-docker.sh"
+        return docker_client(timeout)
+    except EngineUnavailable as exc:
         if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return client
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 def say(pytestconfig: pytest.Config, text: str) -> None:
@@ -111,12 +102,4 @@ def say(pytestconfig: pytest.Config, text: str) -> None:
         print(text, flush=True)
 
 
-def load_handler(name: str) -> ModuleType:
-    """A shipped handler file (config/handlers/<name>.py), loaded by path as the broker loads plugins."""
-    spec = importlib.util.spec_from_file_location(
-        f"rumi_test_handler_{name}", REPO / "config" / "handlers" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+__all__ = ["load_handler"]

@@ -39,6 +39,7 @@ from broker.audit.trail import (
     verify_stream,
 )
 from broker.core.errors import AuditError, ChainBroken
+from broker.core.net import free_port
 
 STREAM = "RUMI_AUDIT"
 AUDIT_PASSWORD = "audit-test-pw"
@@ -46,12 +47,6 @@ ADMIN_PASSWORD = "admin-test-pw"
 
 
 # ----------------------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class NatsProcess:

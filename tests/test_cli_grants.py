@@ -75,7 +75,7 @@ def execute(context, args):
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
     ws = Workspace.at(tmp_path / "ws")
-    for d in (ws.handlers, ws.scopes, ws.state, ws.sandbox / "a", ws.sandbox / "b"):
+    for d in (ws.handlers, ws.scopes, ws.state, ws.work_areas / "a", ws.work_areas / "b"):
         d.mkdir(parents=True)
     for name, source in (
         ("files", FILES_HANDLER),
@@ -188,7 +188,7 @@ REFUSALS = [
 def test_refusals_are_one_line(ws: Workspace, tmp_path: Path, args: list[str], expected: str) -> None:
     link = tmp_path / "link"
     link.symlink_to(ws.state)
-    subst = {"state": str(ws.state), "root": str(ws.root), "link": str(link), "sandbox": str(ws.sandbox)}
+    subst = {"state": str(ws.state), "root": str(ws.root), "link": str(link), "sandbox": str(ws.work_areas)}
     code, _, err = cli(ws, *[a.format(**subst) for a in args])
     assert code != 0
     assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err

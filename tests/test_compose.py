@@ -26,8 +26,10 @@ import pytest
 from broker.admin.init import init_workspace
 from broker.containers import compose, images
 from broker.containers.engine import DockerRuntime
-from broker.containers.settings import pack_uid, workspace_tag
+from broker.containers.settings import pack_uid
 from broker.core.errors import WorkspaceError
+from broker.core.labels import LABEL_PREFIX, workspace_tag
+from broker.core.net import free_port
 from broker.core.workspace import RumiConfig, Workspace
 
 from .conftest import docker_engine, say
@@ -294,14 +296,6 @@ def _compose_binary() -> str:
 
 _say = say
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _free_pool(client: Any) -> str:
     """A /22 of 10.0.0.0/8 that no Docker network and no host route uses (the runtime's own allocator)."""
     from broker.containers.engine import _docker_subnets, allocate_subnet, host_routes
@@ -341,7 +335,7 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seed]:
     try:
         images.build_nats_image(client, prefix)
         images.build_base_image(client, prefix)
-        _config(ws, nats_port=_free_port(), network_pool=_free_pool(client), network_prefix_length=28)
+        _config(ws, nats_port=free_port(), network_pool=_free_pool(client), network_prefix_length=28)
         compose.write_compose(ws, prefix=prefix)
         yield result
     finally:
@@ -352,7 +346,7 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seed]:
         for network in client.networks.list(filters=project):
             network.remove()
         images.remove_images(client, prefix)
-        left = client.images.list(all=True, filters={"label": f"{images.LABEL_PREFIX}={prefix}"})
+        left = client.images.list(all=True, filters={"label": f"{LABEL_PREFIX}={prefix}"})
         client.close()
         assert not left, f"{len(left)} images with prefix {prefix} left"
 
@@ -370,7 +364,7 @@ def test_seed_workflow_build_up_ps_logs_down(seed: Seed, pytestconfig: pytest.Co
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     build_seconds = time.monotonic() - started
     image = seed.client.images.get(f"{seed.prefix}-pack-default:latest")
-    assert image.labels.get("io.rumi.pack") == "default" and image.labels.get(images.LABEL_PREFIX) == seed.prefix
+    assert image.labels.get("io.rumi.pack") == "default" and image.labels.get(LABEL_PREFIX) == seed.prefix
 
     up = seed.run("up", "-d", "pack-default")
     assert up.returncode == 0, up.stderr

@@ -22,6 +22,7 @@ import anyio
 import pytest
 
 from broker.containers import images
+from broker.core.labels import LABEL_FLAVOR, LABEL_LIBC, LABEL_PREFIX
 
 from .conftest import docker_engine, say
 
@@ -148,7 +149,7 @@ def built(pytestconfig: pytest.Config) -> Iterator[Built]:
         raise
     finally:
         removed = images.remove_images(client, prefix)
-        left = client.images.list(all=True, filters={"label": f"{images.LABEL_PREFIX}={prefix}"})
+        left = client.images.list(all=True, filters={"label": f"{LABEL_PREFIX}={prefix}"})
         client.close()
         assert not left, f"{len(left)} images with prefix {prefix} left after removing {removed}"
 
@@ -346,7 +347,7 @@ def test_seed_python_image_is_used_when_present(built: Built) -> None:
     try:
         tag = images.build_python_base(client, prefix, None, seed_image=seed)
         labels = client.images.get(tag).labels
-        assert labels[images.LABEL_FLAVOR] == "seed" and labels[images.LABEL_LIBC].startswith("glibc 2.")
+        assert labels[LABEL_FLAVOR] == "seed" and labels[LABEL_LIBC].startswith("glibc 2.")
         base = images.build_base_image(client, prefix, None, seed_image=seed)
         status, out = _run(
             client, base, ["python3", "-c", "import nats, msgspec, nkeys, os; print(os.getuid())"]

@@ -35,9 +35,9 @@ from typing import Any
 import pytest
 
 from broker.admin.init import init_workspace
-from broker.containers import guard as _guard
-from broker.containers.engine import DockerRuntime, PackNetwork, bridge_name
-from broker.containers.settings import labels, pack_uid
+from broker.containers.engine import DockerRuntime, PackNetwork, bridge_name, guard_status
+from broker.containers.settings import pack_uid
+from broker.core.labels import labels
 from broker.core.workspace import Workspace
 
 from .conftest import free_port
@@ -372,10 +372,10 @@ def test_pack_container_passes_docker_bench_runtime_checks(deployment: Deploymen
     assert hc["CapDrop"] == ["ALL"] and not hc.get("CapAdd")  # 5.3
     assert hc["Privileged"] is False  # 5.4
     sources = {m["Source"] for m in a["Mounts"]}
-    assert sources == {str(d.ws.pack_sandbox("default")), str(d.rt.pack_creds_dir("default"))}  # 5.5, 5.31
+    assert sources == {str(d.ws.pack_work_area("default")), str(d.rt.pack_creds_dir("default"))}  # 5.5, 5.31
     assert not sources & set(SENSITIVE) and not any("docker.sock" in s for s in sources)
     modes = {m["Destination"]: m["RW"] for m in a["Mounts"]}
-    assert modes == {str(d.ws.pack_sandbox("default")): True, "/run/rumi": False}
+    assert modes == {str(d.ws.pack_work_area("default")): True, "/run/rumi": False}
     assert all(m.get("Propagation") in ("", "rprivate", "private") for m in a["Mounts"])  # 5.19
     assert not a["NetworkSettings"]["Ports"] and not hc.get("PortBindings")  # 5.7, 5.8, 5.13
     assert hc["NetworkMode"] == net.name and list(a["NetworkSettings"]["Networks"]) == [net.name]  # 5.9, 5.29
@@ -433,7 +433,7 @@ def test_nats_container_is_hardened_and_bound_to_loopback(deployment: Deployment
 
 def test_guard_is_active_on_every_pack_bridge(deployment: Deployment) -> None:
     d = deployment
-    status = _guard.guard_status(d.ws, d.client)
+    status = guard_status(d.ws, d.client)
     assert set(status) == {"default", "other"}
     for st in status.values():
         assert st.active and st.bridge_exists, st
@@ -604,12 +604,12 @@ def _dns_control(d: Deployment) -> _Control:
 
 def test_pack_writes_only_tmp_and_its_sandbox(deployment: Deployment) -> None:
     d = deployment
-    sandbox = str(d.ws.pack_sandbox("default"))
-    seen = d.exec_py("default", FILES, sandbox, str(d.ws.pack_sandbox("other")), str(d.ws.state))
+    sandbox = str(d.ws.pack_work_area("default"))
+    seen = d.exec_py("default", FILES, sandbox, str(d.ws.pack_work_area("other")), str(d.ws.state))
     writable = {p for p, v in seen.items() if v == "written"}
     assert writable == {"/tmp/probe", f"{sandbox}/probe"}, seen
     assert seen["/run/rumi/probe"] in ("EROFS", "EACCES") and seen["/app/probe"] in ("EROFS", "EACCES")
-    assert seen["exists"] == {str(d.ws.pack_sandbox("other")): False, str(d.ws.state): False,
+    assert seen["exists"] == {str(d.ws.pack_work_area("other")): False, str(d.ws.state): False,
                               "/var/run/docker.sock": False, "/run/docker.sock": False}
     assert seen["run_rumi"] == ["default.nk"] and seen["seed_prefix"] == "SU"
     status = seen["status"]
@@ -617,7 +617,7 @@ def test_pack_writes_only_tmp_and_its_sandbox(deployment: Deployment) -> None:
     assert status["CapEff"] == status["CapBnd"] == status["CapPrm"] == "0000000000000000"
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
     # The broker's seeds and the other Pack's seed are nowhere in this container.
-    other = d.exec_py("other", FILES, str(d.ws.pack_sandbox("other")), sandbox, str(d.ws.state))
+    other = d.exec_py("other", FILES, str(d.ws.pack_work_area("other")), sandbox, str(d.ws.state))
     assert other["run_rumi"] == ["other.nk"] and other["exists"][sandbox] is False
     host_file = Path(sandbox) / "probe"
     assert host_file.read_text() == "x" and host_file.stat().st_uid == pack_uid("default")

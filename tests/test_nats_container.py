@@ -83,7 +83,7 @@ async def test_broker_and_pack_through_the_rumi_nats_container(ws: Workspace, na
     bindings = wrapped.attrs["HostConfig"]["PortBindings"]["4222/tcp"]
     assert all(b["HostIp"] == "127.0.0.1" for b in bindings)
     assert wrapped.attrs["HostConfig"]["ReadonlyRootfs"] is True
-    sandbox = ws.pack_sandbox("default")
+    sandbox = ws.pack_work_area("default")
     async with running_broker(ws), connected_pack(ws) as pack:
         ctx = pack.context("default:tool:my_tool")
         await ctx.file_write(f"{sandbox}/tc.txt", b"through rumi-nats")

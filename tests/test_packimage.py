@@ -30,6 +30,7 @@ from broker.containers import images, packimage
 from broker.containers.images import ImageBuildError
 from broker.containers.settings import pack_uid
 from broker.core.errors import WorkspaceError
+from broker.core.labels import LABEL_HASH, LABEL_KIND, LABEL_PREFIX
 from broker.core.workspace import Workspace
 
 from .conftest import docker_engine, say
@@ -287,7 +288,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config)
         yield Built(client, prefix, ws, result.output, seconds, sizes)
     finally:
         images.remove_images(client, prefix)
-        left = client.images.list(all=True, filters={"label": f"{images.LABEL_PREFIX}={prefix}"})
+        left = client.images.list(all=True, filters={"label": f"{LABEL_PREFIX}={prefix}"})
         client.close()
         assert not left, f"{len(left)} images with prefix {prefix} left"
 
@@ -365,8 +366,8 @@ def test_default_image_cmd_and_labels(built: Built) -> None:
     config = image.attrs["Config"]
     assert config["Cmd"] == ["python3", "main.py"] and config["WorkingDir"] == "/app"
     assert config["User"] == "10001:10001"
-    assert image.labels[images.LABEL_PREFIX] == built.prefix and image.labels["io.rumi.pack"] == "default"
-    assert image.labels[images.LABEL_KIND] == "pack" and images.LABEL_HASH in image.labels
+    assert image.labels[LABEL_PREFIX] == built.prefix and image.labels["io.rumi.pack"] == "default"
+    assert image.labels[LABEL_KIND] == "pack" and LABEL_HASH in image.labels
 
 
 @pytest.mark.docker
@@ -428,7 +429,7 @@ def test_docker_base_context_builds_offline(built: Built) -> None:
     built.client.images.build(
         path=str(built.ws.base), tag=tag, rm=True, forcerm=True, pull=False, network_mode="none",
         buildargs={"PYTHON_IMAGE": images.image_tag("python", built.prefix)},
-        labels={images.LABEL_PREFIX: built.prefix},
+        labels={LABEL_PREFIX: built.prefix},
     )
     status, out = _run(built.client, tag, ["python3", "-c", "import pack_runtime, nats, msgspec, os; "
                                                          "print(os.path.exists('/opt/rumi/site-packages/.gitignore'))"])

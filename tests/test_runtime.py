@@ -34,7 +34,7 @@ from broker.containers.engine import (
     host_routes,
     running_broker_pid,
 )
-from broker.containers.settings import workspace_tag
+from broker.core.labels import workspace_tag
 from broker.core.workspace import Workspace
 
 from .conftest import docker_engine, free_port, say
@@ -391,7 +391,7 @@ def test_up_ps_stats_logs_call_doctor_down(images: Images, tmp_path: Path, pytes
         assert outcome["read an ungranted key HOME"]["code"] == "permission_denied"
         assert outcome["GET the cloud metadata address"]["code"] == "permission_denied"
         # The broker wrote through the grant into the sandbox the container has mounted.
-        assert (ws.pack_sandbox("default") / "hello.txt").read_text() == "from a container"
+        assert (ws.pack_work_area("default") / "hello.txt").read_text() == "from a container"
 
         doctor = runner.invoke(app, ["doctor", "--root", root], env=env)
         assert doctor.exit_code == 0, doctor.output

@@ -46,7 +46,6 @@ __all__ = [
     "canonical_json",
     "event_hash",
     "export_events",
-    "export_stream",
     "load_events",
     "read_events",
     "read_stored",
@@ -549,7 +548,7 @@ class _StreamReader:
     """An ephemeral pull consumer on RUMI_AUDIT read in stream order (ack none, memory only).
 
     Needs only: publish ``$JS.API.CONSUMER.CREATE.RUMI_AUDIT.>`` and
-    ``$JS.API.CONSUMER.MSG.NEXT.RUMI_AUDIT.>``, subscribe ``_INBOX.>``: the read-only ``audit`` identity.
+    ``$JS.API.CONSUMER.MSG.NEXT.RUMI_AUDIT.>``, subscribe ``_INBOX.audit.>``: the read-only ``audit`` identity.
     """
 
     def __init__(self, nc: Any, filter_subject: str, batch: int, timeout: float) -> None:
@@ -728,12 +727,3 @@ async def verify_stream(nc: Any) -> VerifyReport:
         async for event in events:
             verifier.add(event)
     return verifier.report
-
-
-async def export_stream(nc: Any, out: IO[str], *, pack: str | None = None) -> int:
-    """Write RUMI_AUDIT (or one Pack's events) to `out` as JSON lines; return how many."""
-    count = 0
-    async with contextlib.aclosing(read_events(nc, pack=pack)) as events:
-        async for event in events:
-            count += export_events((event,), out)
-    return count

@@ -47,7 +47,16 @@ from broker.backends.files import (
     ProtectedSet,
     openat2,
 )
-from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RateLimited, Unavailable
+from broker.core.docker_client import docker_client
+from broker.core.errors import (
+    Denied,
+    EngineUnavailable,
+    HandlerFailed,
+    InvalidRequest,
+    RateLimited,
+    Unavailable,
+)
+from broker.core.labels import LABEL_MANAGED, LABEL_PACK, LABEL_ROLE
 
 __all__ = [
     "LABEL_MANAGED",
@@ -74,10 +83,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("rumi.sandbox")
-
-LABEL_MANAGED = "io.rumi.managed"
-LABEL_ROLE = "io.rumi.role"
-LABEL_PACK = "io.rumi.pack"
 
 # The Pack containers' non-root user; used when a granted directory belongs to root.
 SANDBOX_UID = 10001
@@ -456,19 +461,14 @@ _engine: Any = None
 
 
 def engine() -> Any:
-    """A shared Docker client (``docker.from_env(version="auto")``); Unavailable if no engine answers."""
+    """A shared Docker client (`broker.core.docker_client`); Unavailable if no engine answers."""
     global _engine
     with _engine_lock:
         if _engine is None:
-            # Via docker.client: mypy sees the workspace's own docker/ directory as a namespace package.
-            from docker.client import from_env
-
             try:
-                _engine = from_env(version="auto")
-            except Exception as exc:  # DockerException, requests errors: the engine is not there
-                log.warning(
-                    "docker engine unreachable: %s", str(exc).splitlines()[0][:200] if str(exc) else exc
-                )
+                _engine = docker_client()
+            except EngineUnavailable as exc:
+                log.warning("docker engine unreachable: %s", exc)
                 raise Unavailable(
                     "the Docker engine is not reachable; start it (scripts/ensure-docker.sh) and retry"
                 ) from None

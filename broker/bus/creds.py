@@ -1,7 +1,7 @@
 """NATS identities: one nkey user seed per role and per Pack, kept under docker/.rumi/creds/.
 
 Each identity is a file `<name>.nk` holding an nkey *user* seed (`SU...`), mode 0400 in a 0700
-directory.  The generated NATS config (`_natsconf`) names only the public keys; seeds never leave
+directory.  The generated NATS config (`broker.bus.config`) names only the public keys; seeds never leave
 these files and are never printed.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nkeys
 
+from broker.core.atomic import fsync_directory
 from broker.core.errors import NatsSetupError
 from broker.core.ids import is_pack_id
 from broker.core.workspace import Workspace
@@ -98,15 +99,7 @@ def _write_new_seed(path: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
 
 
 def _public_key(path: Path) -> str:

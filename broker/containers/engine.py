@@ -22,8 +22,8 @@ not know to the container's `dns` servers — from the host's namespace when tha
 address (CVE-2024-29018 on engines before 26).  A Pack's only upstream is therefore an address of its
 own subnet that IPAM reserves and nobody holds: a query never gets past the bridge.
 
-Everything created carries Rumi's labels (`_runtime.labels`) with the workspace tag; cleanup removes by
-label, exactly.  The Docker SDK is the only way this module talks to the engine.
+Everything created carries Rumi's labels (`broker.core.labels.labels`) with the workspace tag; cleanup
+removes by label, exactly.  The Docker SDK is the only way this module talks to the engine.
 """
 
 from __future__ import annotations
@@ -31,12 +31,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib
 import ipaddress
 import json
 import os
 import re
-import secrets
 import signal
 import socket
 import subprocess
@@ -46,22 +44,31 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.containers.settings import (
+    NATS_CONTAINER_PORT,
+    pack_container_settings,
+    pack_spec,
+    pack_uid,
+)
+from broker.core.atomic import write_atomic
+from broker.core.docker_client import docker_client
+from broker.core.errors import RuntimeSetupError
+from broker.core.labels import (
+    DEFAULT_PREFIX,
+    LABEL_CONFIG_HASH,
     LABEL_MANAGED,
     LABEL_PACK,
     LABEL_ROLE,
     LABEL_WORKSPACE,
-    NATS_CONTAINER_PORT,
     labels,
-    pack_container_settings,
-    pack_spec,
-    pack_uid,
     workspace_tag,
 )
-from broker.core.errors import RumiError
 from broker.core.workspace import RumiConfig, Workspace
+
+if TYPE_CHECKING:
+    from broker.containers.guard import BridgeGuard
 
 __all__ = [
     "BROKER_SERVE_COMMAND",
@@ -69,28 +76,25 @@ __all__ = [
     "ContainerInfo",
     "ContainerStats",
     "DockerRuntime",
-    "EngineUnavailable",
     "NetworkInfo",
     "PackNetwork",
     "PackStart",
-    "RuntimeSetupError",
     "RuntimeStatus",
     "UpReport",
     "allocate_subnet",
     "bridge_name",
     "broker_log_file",
     "broker_pid_file",
-    "docker_client",
+    "guard_status",
     "host_routes",
+    "nats_answers",
     "running_broker_pid",
 ]
 
 Progress = Callable[[str], None]
 
-DEFAULT_PREFIX = "rumi"
-# The hidden CLI command `rumi up` starts the broker with (broker/cli/_runtime.py).
+# The hidden CLI command `rumi up` starts the broker with (broker/cli/containers.py).
 BROKER_SERVE_COMMAND = "serve-broker"
-LABEL_CONFIG_HASH = "io.rumi.config-hash"
 ROLE_PACK = "pack"
 ROLE_NATS = "nats"
 ROLE_PACK_NETWORK = "pack-network"
@@ -105,34 +109,8 @@ _LOG_KEEP_BYTES = 10 * 1024 * 1024
 _SUBNET_RETRIES = 8
 
 
-class RuntimeSetupError(RumiError):
-    """Containers, networks or the broker process could not be set up as Rumi needs them."""
-
-
-class EngineUnavailable(RuntimeSetupError):
-    """No Docker engine answers."""
-
-
 def _quiet(_: str) -> None:
     """Progress sink that drops every message."""
-
-
-def docker_client(timeout: float = 60) -> Any:
-    """A Docker SDK client for the engine from the environment; EngineUnavailable with what to do."""
-    try:
-        # By name: the workspace's own docker/ directory would otherwise shadow the SDK for type checkers.
-        sdk: Any = importlib.import_module("docker")
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise EngineUnavailable("the docker Python package is missing: pip install docker") from None
-    try:
-        client = sdk.from_env(timeout=int(timeout))
-        client.ping()
-    except Exception as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise EngineUnavailable(
-            f"no Docker engine answers ({first}): start one (scripts/ensure-docker.sh) or set DOCKER_HOST"
-        ) from None
-    return client
 
 
 # ------------------------------------------------------------------------------------- names
@@ -409,7 +387,7 @@ def start_broker(ws: Workspace, timeout: float = 30, progress: Progress = _quiet
             start_new_session=True,  # detached: a terminal's Ctrl-C does not reach it; `rumi down` does
             close_fds=True,
         )
-    _write_small(broker_pid_file(ws), f"{proc.pid}\n")
+    write_atomic(broker_pid_file(ws), f"{proc.pid}\n", mode=0o600, fsync=False)
     deadline = time.monotonic() + timeout
     while True:
         text = _read_from(log, offset)
@@ -479,15 +457,6 @@ def _read_from(path: Path, offset: int) -> str:
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1][:300] if lines else ""
-
-
-def _write_small(path: Path, text: str, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------- runtime
@@ -587,12 +556,12 @@ class DockerRuntime:
         tags["nats"] = image_tag("nats", self.prefix)
         for pack_id in pack_ids:
             tags[f"pack:{pack_id}"] = pack_image_tag(pack_id, self.prefix)
-        missing = [t for t in tags.values() if not self._image_exists(t)]
+        missing = [t for t in tags.values() if not self.image_exists(t)]
         if missing:
             raise RuntimeSetupError(f"image {missing[0]} is missing: run `rumi build` (or `rumi up --build`)")
         return tags
 
-    def _image_exists(self, tag: str) -> bool:
+    def image_exists(self, tag: str) -> bool:
         import docker.errors
 
         try:
@@ -835,7 +804,7 @@ class DockerRuntime:
                 self.reload_nats(container)
         url = f"nats://127.0.0.1:{host_port}"
         self._await_nats(container, host_port)
-        _write_small(url_file(self.ws), url + "\n", 0o644)
+        write_atomic(url_file(self.ws), url + "\n", mode=0o644, fsync=False)
         return url
 
     def _attach(self, container: Any, networks: Sequence[PackNetwork]) -> None:
@@ -877,7 +846,7 @@ class DockerRuntime:
 
     def _await_nats(self, container: Any, host_port: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
-        while not _nats_answers("127.0.0.1", host_port):
+        while not nats_answers("127.0.0.1", host_port):
             container.reload()
             if container.status in ("exited", "dead"):
                 tail = container.logs(tail=5).decode("utf-8", "replace")
@@ -902,20 +871,12 @@ class DockerRuntime:
         target = target_dir / f"{pack_id}.nk"
         current = target.read_bytes() if target.is_file() and not target.is_symlink() else None
         if current != seed:
-            tmp = target_dir / f".{pack_id}.{secrets.token_hex(6)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(seed)
-                os.chown(tmp, uid, uid)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_atomic(target, seed, mode=0o400, fsync=False, owner=(uid, uid))
         os.chown(target, uid, uid)
         os.chmod(target, 0o400)
         os.chown(target_dir, uid, uid)
         os.chmod(target_dir, 0o500)
-        sandbox = self.ws.pack_sandbox(pack_id)
+        sandbox = self.ws.pack_work_area(pack_id)
         sandbox.mkdir(parents=True, exist_ok=True)
         os.chown(sandbox, uid, uid)
         os.chmod(sandbox, 0o700)
@@ -1084,7 +1045,12 @@ class DockerRuntime:
         url = self.ensure_nats(
             tags["nats"], running, [networks.get(p) or self.ensure_pack_network(p) for p in running]
         )
-        _write_small(_state_file(self.ws), json.dumps({"prefix": self.prefix, "nats_url": url}) + "\n")
+        write_atomic(
+            _state_file(self.ws),
+            json.dumps({"prefix": self.prefix, "nats_url": url}) + "\n",
+            mode=0o600,
+            fsync=False,
+        )
         self.progress(f"nats: {url}")
         broker_pid = 0
         if with_broker:
@@ -1118,9 +1084,9 @@ class DockerRuntime:
             os.close(fd)
 
     def _refuse_embedded_server(self) -> None:
-        from broker.bus.server import _running_pid
+        from broker.bus.server import running_pid
 
-        pid = _running_pid(self.ws)
+        pid = running_pid(self.ws)
         if pid is not None:
             raise RuntimeSetupError(
                 f"an embedded nats-server (pid {pid}) runs for this workspace (`rumi broker`): stop it first"
@@ -1318,7 +1284,7 @@ def _count_lines(container: Any, needle: str) -> int:
     return len(re.findall(re.escape(needle), text))
 
 
-def _nats_answers(host: str, port: int) -> bool:
+def nats_answers(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as sock:
             sock.settimeout(1.0)
@@ -1326,3 +1292,12 @@ def _nats_answers(host: str, port: int) -> bool:
             return sock.recv(5) == b"INFO "
     except OSError:
         return False
+
+
+def guard_status(ws: Workspace, client: Any | None = None) -> dict[str, BridgeGuard]:
+    """The guard state of each of the workspace's Pack networks, by pack id (for `rumi doctor`)."""
+    from broker.containers import guard as _guard
+
+    networks = DockerRuntime(ws, client).pack_networks()
+    tag = workspace_tag(ws)
+    return {pack_id: _guard.bridge_guard_status(net.bridge, tag) for pack_id, net in networks.items()}

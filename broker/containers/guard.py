@@ -21,12 +21,8 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from broker.core.errors import RumiError
-
-if TYPE_CHECKING:
-    from broker.core.workspace import Workspace
 
 __all__ = [
     "BRIDGE_RE",
@@ -34,7 +30,6 @@ __all__ = [
     "GuardError",
     "bridge_guard_status",
     "guard_comment",
-    "guard_status",
     "guarded_bridges",
     "install_guard",
     "remove_guard",
@@ -230,13 +225,3 @@ def remove_workspace_guard(workspace: str) -> list[str]:
     for bridge in bridges:
         remove_guard(bridge, workspace)
     return bridges
-
-
-def guard_status(ws: Workspace, client: Any | None = None) -> dict[str, BridgeGuard]:
-    """The guard state of each of the workspace's Pack networks, by pack id (for `rumi doctor`)."""
-    from broker.containers.engine import DockerRuntime
-    from broker.containers.settings import workspace_tag
-
-    networks = DockerRuntime(ws, client).pack_networks()
-    tag = workspace_tag(ws)
-    return {pack_id: bridge_guard_status(net.bridge, tag) for pack_id, net in networks.items()}

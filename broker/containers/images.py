@@ -39,7 +39,16 @@ from importlib import metadata, resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from broker.core.atomic import write_atomic
 from broker.core.errors import RumiError
+from broker.core.labels import (
+    DEFAULT_PREFIX,
+    LABEL_FLAVOR,
+    LABEL_HASH,
+    LABEL_KIND,
+    LABEL_LIBC,
+    LABEL_PREFIX,
+)
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -48,7 +57,6 @@ __all__ = [
     "SANDBOX_PACKAGES",
     "ImageBuildError",
     "Progress",
-    "build_all_images",
     "build_base_image",
     "build_nats_image",
     "build_python_base",
@@ -63,15 +71,8 @@ __all__ = [
 
 Progress = Callable[[str], None]
 
-DEFAULT_PREFIX = "rumi"
 IMAGE_KINDS = ("nats", "python", "base", "sandbox")
 SEED_PYTHON_IMAGE = "python:3.11-alpine"
-
-LABEL_PREFIX = "io.rumi.prefix"
-LABEL_KIND = "io.rumi.image"
-LABEL_HASH = "io.rumi.content-hash"
-LABEL_LIBC = "io.rumi.python-libc"  # "glibc 2.36" or "musl": picks the wheel platform for images above
-LABEL_FLAVOR = "io.rumi.python-flavor"  # "debian" (assembled here) or "seed" (python:3.11-alpine)
 
 # pack_runtime's dependencies; nats-py must come without aiohttp (it imports it whenever installed).
 RUNTIME_REQUIREMENTS = ("nats-py==2.16.0", "msgspec==0.22.0", "nkeys==0.2.1", "anyio==4.16.0")
@@ -474,13 +475,6 @@ class _Apt:
 def _deb_version(filename: str) -> str:
     """The version in a pool filename ``name_version_arch.deb`` (``%3a`` is the epoch colon)."""
     return filename.split("_")[1].replace("%3a", ":")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace a cache file whole: another build may be reading it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _file_sha256(path: Path) -> str:
@@ -921,8 +915,11 @@ def _remember_closure(cache: Path, kind: str, roots: Sequence[str], rootfs: _Roo
     """Save the resolved package list so the next build can check freshness without resolving."""
     path = _manifest_path(cache, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
-        path, json.dumps({"roots": list(roots), "packages": [d.name for d in rootfs.debs]}, indent=1)
+    # Replaced whole: another build may be reading it.
+    write_atomic(
+        path,
+        json.dumps({"roots": list(roots), "packages": [d.name for d in rootfs.debs]}, indent=1),
+        fsync=False,
     )
 
 
@@ -1127,7 +1124,7 @@ def _fetch_wheels(
     files = sorted((p.name, _file_sha256(p)) for p in wheels.glob("*.whl"))
     if any(name.startswith("aiohttp") for name, _ in files):
         raise ImageBuildError("aiohttp got into the Pack runtime wheels; remove whatever requires it")
-    _write_atomic(manifest, json.dumps(files))
+    write_atomic(manifest, json.dumps(files), fsync=False)  # another build may be reading it
     return wheels, files
 
 
@@ -1315,28 +1312,6 @@ def build_sandbox_image(
 
 
 # ------------------------------------------------------------------------------------ together
-
-
-def build_all_images(
-    client: Any,
-    prefix: str = DEFAULT_PREFIX,
-    progress: Progress | None = None,
-    allow_pull: bool = False,
-    *,
-    seed_image: str = SEED_PYTHON_IMAGE,
-    cache_dir: Path | None = None,
-) -> dict[str, str]:
-    """Build (or reuse) every image; return ``{kind: tag}``."""
-    return {
-        "nats": build_nats_image(client, prefix, progress),
-        "python": build_python_base(
-            client, prefix, progress, allow_pull, seed_image=seed_image, cache_dir=cache_dir
-        ),
-        "base": build_base_image(
-            client, prefix, progress, allow_pull, seed_image=seed_image, cache_dir=cache_dir
-        ),
-        "sandbox": build_sandbox_image(client, prefix, progress, seed_image=seed_image, cache_dir=cache_dir),
-    }
 
 
 def image_sizes(client: Any, prefix: str = DEFAULT_PREFIX) -> dict[str, int]:

@@ -13,23 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.core.labels import labels, workspace_tag
+from broker.core.pack_env import READY_FILE, pack_environment
 from broker.core.workspace import RumiConfig, Workspace
 
-LABEL_MANAGED = "io.rumi.managed"
-LABEL_WORKSPACE = "io.rumi.workspace"
-LABEL_PACK = "io.rumi.pack"
-LABEL_ROLE = "io.rumi.role"
-
 CREDS_MOUNT = "/run/rumi"
-READY_FILE = "/tmp/rumi-ready"
 PACK_UID_BASE = 20000
 NATS_CONTAINER_PORT = 4222
 PROXY_LISTEN = "127.0.0.1:3128"
-
-
-def workspace_tag(ws: Workspace) -> str:
-    """A short stable id of a workspace, so two workspaces on one engine never touch each other."""
-    return hashlib.sha256(str(ws.root).encode()).hexdigest()[:10]
 
 
 def pack_uid(pack_id: str) -> int:
@@ -45,7 +36,7 @@ class PackSpec:
     image: str
     network: str
     nats_url: str
-    sandbox_dir: Path
+    work_area: Path
     creds_dir: Path
     workspace: str
     memory_limit: str = "128m"
@@ -77,21 +68,13 @@ def pack_spec(
         image=image,
         network=network,
         nats_url=nats_url,
-        sandbox_dir=ws.pack_sandbox(pack_id),
+        work_area=ws.pack_work_area(pack_id),
         creds_dir=creds_dir,
         workspace=workspace_tag(ws),
         memory_limit=(own.memory_limit if own and own.memory_limit else cfg.memory_limit),
         cpus=(own.cpus if own and own.cpus else cfg.cpus),
         pids_limit=cfg.pids_limit,
     )
-
-
-def labels(workspace: str, role: str, pack_id: str | None = None) -> dict[str, str]:
-    """Labels on everything Rumi creates, so cleanup removes exactly what is ours."""
-    out = {LABEL_MANAGED: "true", LABEL_WORKSPACE: workspace, LABEL_ROLE: role}
-    if pack_id is not None:
-        out[LABEL_PACK] = pack_id
-    return out
 
 
 def pack_container_settings(spec: PackSpec) -> dict[str, Any]:
@@ -104,22 +87,14 @@ def pack_container_settings(spec: PackSpec) -> dict[str, Any]:
     loop forever; after an engine restart `rumi up` brings Packs back.
     """
     env = {
-        "RUMI_PACK_ID": spec.pack_id,
-        "RUMI_NATS_URL": spec.nats_url,
-        "RUMI_NATS_CREDS": spec.creds_file,
-        "RUMI_SANDBOX": str(spec.sandbox_dir),
-        "RUMI_READY_FILE": READY_FILE,
-        "HOME": "/tmp",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONUNBUFFERED": "1",
-        # Unmodified HTTP clients go through the SDK's proxy, i.e. through the broker.
-        "RUMI_PROXY_LISTEN": PROXY_LISTEN,
-        "HTTP_PROXY": f"http://{PROXY_LISTEN}",
-        "HTTPS_PROXY": f"http://{PROXY_LISTEN}",
-        "http_proxy": f"http://{PROXY_LISTEN}",
-        "https_proxy": f"http://{PROXY_LISTEN}",
-        "NO_PROXY": "",
-        "no_proxy": "",
+        **pack_environment(
+            spec.pack_id,
+            nats_url=spec.nats_url,
+            creds_file=spec.creds_file,
+            work_area=spec.work_area,
+            proxy_listen=PROXY_LISTEN,
+            container=True,
+        ),
         **spec.extra_env,
     }
     return {
@@ -139,7 +114,7 @@ def pack_container_settings(spec: PackSpec) -> dict[str, Any]:
         "cpu_shares": 512,
         "pids_limit": spec.pids_limit,
         "volumes": {
-            str(spec.sandbox_dir): {"bind": str(spec.sandbox_dir), "mode": "rw"},
+            str(spec.work_area): {"bind": str(spec.work_area), "mode": "rw"},
             str(spec.creds_dir): {"bind": CREDS_MOUNT, "mode": "ro"},
         },
         "healthcheck": {

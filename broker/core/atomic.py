@@ -11,14 +11,23 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["fsync_directory", "write_atomic"]
 
 
-def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644, fsync: bool = True) -> None:
+def write_atomic(
+    path: Path,
+    data: bytes | str,
+    *,
+    mode: int = 0o644,
+    fsync: bool = True,
+    owner: tuple[int, int] | None = None,
+) -> None:
     """Replace `path` with `data` (str is UTF-8) via a temp file in the same directory and a rename.
 
     The temp name starts with a dot and ends in `.tmp`, so directory watchers ignore it; it is created
-    exclusively and without following links. `mode` is the new file's permission bits.
+    exclusively and without following links. With `fsync`, the content and then the directory entry
+    are synced before it returns. `mode` is the new file's permission bits; `owner`
+    (uid, gid), when given, owns it before the rename, so the file never appears with another owner.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
@@ -31,8 +40,21 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644, fsync: boo
             if fsync:
                 os.fsync(f.fileno())
         os.chmod(tmp, mode)  # the umask may have narrowed it
+        if owner is not None:
+            os.chown(tmp, *owner)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if fsync:
+        fsync_directory(path.parent)  # the rename itself survives a power loss
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of directory `path` (a new or renamed file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -119,3 +119,11 @@ class HandlerFailed(RequestError):
 
 class Unavailable(RequestError):
     code = "unavailable"
+
+
+class RuntimeSetupError(RumiError):
+    """Containers, networks or the broker process could not be set up as Rumi needs them."""
+
+
+class EngineUnavailable(RuntimeSetupError):
+    """No Docker engine answers."""

@@ -1,4 +1,4 @@
-"""Workspace layout (CONTRACT.md "Workspace") and runtime settings from docker/config.json."""
+"""Workspace layout (docs/architecture.md, "Workspace") and runtime settings from docker/config.json."""
 
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ class Workspace:
         return self.docker / "grants"
 
     @property
-    def sandbox(self) -> Path:
+    def work_areas(self) -> Path:
+        """`docker/sandbox/`: the Packs' work areas (the seed's directory name; not the terminal sandbox)."""
         return self.docker / "sandbox"
 
     @property
@@ -104,8 +105,9 @@ class Workspace:
     def ecosystem(self) -> Path:
         return self.root / "ecosystem"
 
-    def pack_sandbox(self, pack_id: str) -> Path:
-        return self.sandbox / pack_id
+    def pack_work_area(self, pack_id: str) -> Path:
+        """`docker/sandbox/<pack_id>/`: the Pack's own work area, mounted into its container alone."""
+        return self.work_areas / pack_id
 
     def pack_source(self, pack_id: str) -> Path:
         return self.ecosystem / pack_id
@@ -129,12 +131,12 @@ class Workspace:
             self.base,
             self.docker / "docker-compose.yml",
         ]
-        if self.sandbox.is_dir():
-            for child in sorted(self.sandbox.iterdir()):
+        if self.work_areas.is_dir():
+            for child in sorted(self.work_areas.iterdir()):
                 if child.name != pack_id:
                     paths.append(child)
         if pack_id is None:
-            paths.append(self.sandbox)
+            paths.append(self.work_areas)
         return paths
 
     def load_config(self) -> RumiConfig:

@@ -1,5 +1,5 @@
 # Python base from the seed's image (python:3.11-alpine) when it is present locally or may be pulled.
-# Built by `rumi build` (broker/_images.py); it only adds Rumi's labels and a non-root user id.
+# Built by `rumi build` (broker/containers/images.py); it only adds Rumi's labels and a non-root user id.
 ARG SEED_IMAGE=python:3.11-alpine
 FROM ${SEED_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \

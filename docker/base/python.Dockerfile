@@ -1,5 +1,5 @@
 # Python 3.11 assembled from Debian packages when no python:3.11-alpine is at hand.
-# Built by `rumi build` (broker/_images.py): the context's rootfs.tar holds python3.11, its
+# Built by `rumi build` (broker/containers/images.py): the context's rootfs.tar holds python3.11, its
 # shared-library closure, CA certificates and /etc/passwd with user rumi (10001). No shell:
 # every command here and in images built on top must be exec-form.
 ARG RUMI_PREFIX=rumi

@@ -1,1 +1,1 @@
-"""The use-cases behind CLI commands: init, doctor, dev, demo."""
+"""The use-cases behind CLI commands: init, build, dev, calls, demo, doctor, grants, audit, logs."""

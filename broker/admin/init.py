@@ -51,7 +51,7 @@ def init_workspace(
     if example.is_dir():
         progress("writing ecosystem/default (the example Pack)")
         _copy_tree(example, ws.ecosystem, overwrite, written)
-    for d in (ws.grants, ws.sandbox, ws.state, ws.packs):
+    for d in (ws.grants, ws.work_areas, ws.state, ws.packs):
         d.mkdir(parents=True, exist_ok=True)
     os.chmod(ws.state, 0o700)
     gitignore = ws.docker / ".gitignore"
@@ -64,7 +64,7 @@ def init_workspace(
 
 def _example_grant(ws: Workspace, written: list[Path]) -> None:
     """The example Pack's tool gets its own sandbox for files and one demo key, nothing more."""
-    sandbox = ws.pack_sandbox("default")
+    sandbox = ws.pack_work_area("default")
     sandbox.mkdir(parents=True, exist_ok=True)
     grant = ws.grant_file("default:tool:my_tool")
     if not grant.exists():

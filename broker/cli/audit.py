@@ -5,29 +5,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sys
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Annotated, Any, TypeVar
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from broker.audit.trail import (
-    DECISIONS,
-    ChainVerifier,
-    VerifyReport,
-    canonical_json,
-    load_events,
-    read_stored,
-)
 from broker.cli.common import RootOption, fail, run_async, workspace
 from broker.core.errors import AuditError, NatsSetupError
 from broker.core.ids import is_pack_id
-from broker.core.protocol import AUDIT_STREAM, AUDIT_SUBJECTS
-from broker.core.workspace import Workspace
+
+if TYPE_CHECKING:
+    from broker.audit.trail import VerifyReport
 
 T = TypeVar("T")
 
@@ -43,38 +33,6 @@ Decision = Annotated[
     str | None,
     typer.Option("--decision", help="Only events with this decision: allow, deny or error."),
 ]
-
-
-async def _quiet(_: Exception) -> None:
-    # nats-py would log connection errors with tracebacks; the command reports one line instead.
-    return None
-
-
-def _reachable(url: str) -> bool:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.asynccontextmanager
-async def _audit_connection(ws: Workspace) -> AsyncIterator[Any]:
-    """Connect as the read-only `audit` identity, or fail with one line saying what to do."""
-    from broker.bus.server import connect, nats_url
-
-    url = nats_url(ws)
-    if not _reachable(url):
-        raise NatsSetupError(f"cannot reach NATS at {url}: start `rumi broker` first")
-    nc = await connect(
-        ws, "audit", allow_reconnect=False, max_reconnect_attempts=0, error_cb=_quiet, name="rumi-audit-cli"
-    )
-    try:
-        yield nc
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
 
 
 _WIDTHS = [27, 16, 28, 12, 40, 8, 22]
@@ -132,6 +90,8 @@ def _check_pack(pack: str | None) -> None:
 
 
 def _emit(event: dict[str, Any], as_json: bool) -> None:
+    from broker.audit.trail import canonical_json
+
     typer.echo(canonical_json(event).decode("utf-8") if as_json else _row(event))
 
 
@@ -150,39 +110,22 @@ def tail_cmd(
     ] = None,
 ) -> None:
     """Print audit events (oldest first); with --follow, keep printing new ones."""
+    from broker.admin.audit import audit_connection, tail_events
+    from broker.audit.trail import DECISIONS
+
     if decision is not None and decision not in DECISIONS:
         fail(f"--decision must be allow, deny or error (got {decision!r})")
     _check_pack(pack)
     ws = workspace(root)
 
-    def wanted(event: dict[str, Any]) -> bool:
-        return decision is None or event.get("decision") == decision
-
     async def body() -> None:
-        async with _audit_connection(ws) as nc:
+        async with audit_connection(ws) as nc:
             if not as_json:
                 typer.echo(_HEADER)
-            # Stored events first (only the last `limit` when asked), then, with --follow, new ones.
-            last_seq = 0
-            recent: deque[dict[str, Any]] = deque(maxlen=limit)
-            async with contextlib.aclosing(read_stored(nc, pack=pack)) as stored:
-                async for seq, event in stored:
-                    last_seq = seq
-                    if wanted(event):
-                        if limit is None:
-                            _emit(event, as_json)
-                        else:
-                            recent.append(event)
-            for event in recent:
-                _emit(event, as_json)
-            if not follow:
-                return
-            async with contextlib.aclosing(
-                read_stored(nc, pack=pack, follow=True, start_seq=last_seq + 1)
-            ) as live:
-                async for _, event in live:
-                    if wanted(event):
-                        _emit(event, as_json)
+            events = tail_events(nc, pack=pack, decision=decision, limit=limit, follow=follow)
+            async with contextlib.aclosing(events) as each:
+                async for event in each:
+                    _emit(event, as_json)
 
     _run_to_pipe(body)
 
@@ -204,29 +147,20 @@ def verify_cmd(
     ] = None,
 ) -> None:
     """Check every hash chain (stream order, or file order); exit 1 naming the first bad event."""
+    from broker.admin.audit import verify_file, verify_stream
+    from broker.core.protocol import AUDIT_STREAM
+
     if file is not None:
         try:
-            with file.open(encoding="utf-8") as f:
-                verifier = ChainVerifier()
-                for event in load_events(f):
-                    verifier.add(event)
+            report = verify_file(file)
         except OSError as exc:
             fail(f"{file}: cannot read ({exc.strerror})")
         except UnicodeDecodeError:
             fail(f"{file}: not UTF-8 text; expected JSON lines from `rumi audit export`")
-        _print_report(verifier.report, str(file))
+        _print_report(report, str(file))
         return
     ws = workspace(root)
-
-    async def body() -> VerifyReport:
-        verifier = ChainVerifier()
-        async with _audit_connection(ws) as nc:
-            async with contextlib.aclosing(read_stored(nc)) as stored:
-                async for _, event in stored:
-                    verifier.add(event)
-        return verifier.report
-
-    _print_report(run_async(body), f"stream {AUDIT_STREAM}")
+    _print_report(run_async(lambda: verify_stream(ws)), f"stream {AUDIT_STREAM}")
 
 
 @audit_app.command("export")
@@ -240,30 +174,18 @@ def export_cmd(
     ] = None,
 ) -> None:
     """Write the audit stream as JSON lines (one stored event per line), oldest first."""
+    from broker.admin.audit import export_events, export_file
+
     _check_pack(pack)
     ws = workspace(root)
-
-    async def body(out: IO[str]) -> int:
-        count = 0
-        async with _audit_connection(ws) as nc:
-            async with contextlib.aclosing(read_stored(nc, pack=pack)) as stored:
-                async for _, event in stored:
-                    out.write(canonical_json(event).decode("utf-8") + "\n")
-                    count += 1
-        return count
-
     if output is None:
-        count = _run_to_pipe(lambda: body(sys.stdout))
+        count = _run_to_pipe(lambda: export_events(ws, sys.stdout, pack=pack))
     else:
-        tmp = output.with_name(f".{output.name}.partial")
         try:
-            with tmp.open("w", encoding="utf-8") as out:
-                count = run_async(lambda: body(out))
-            tmp.replace(output)  # no half-written export under the real name
+            with export_file(output) as out:
+                count = run_async(lambda: export_events(ws, out, pack=pack))
         except OSError as exc:
             fail(f"{output}: cannot write ({exc.strerror})")
-        finally:
-            tmp.unlink(missing_ok=True)
     typer.echo(f"exported {count} events" + (f" to {output}" if output else ""), err=True)
 
 
@@ -273,36 +195,24 @@ def creds_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Show the NATS URL, stream and read-only credentials for outside audit readers (any NATS client)."""
-    from broker.bus.creds import ensure_identity
-    from broker.bus.server import nats_url
+    from broker.admin.audit import reader_credentials
 
-    ws = workspace(root)
     try:
-        url = nats_url(ws)
-        seed = ensure_identity(ws, "audit").seed_path
+        info = reader_credentials(workspace(root))
     except (NatsSetupError, AuditError) as exc:
         fail(str(exc))
-    from broker.bus.config import inbox_prefix
-
-    inbox = inbox_prefix("audit")
-    example = f"nats --server {url} --nkey {seed} --inbox-prefix {inbox} stream view {AUDIT_STREAM}"
     if as_json:
-        info = {
-            "url": url,
-            "stream": AUDIT_STREAM,
-            "subjects": AUDIT_SUBJECTS,
-            "user": "audit",
-            "seed_file": str(seed),
-            "inbox_prefix": inbox,
-            "example": example,
-        }
         typer.echo(json.dumps(info, indent=2))
         return
-    typer.echo(f"NATS URL:     {url}")
-    typer.echo(f"stream:       {AUDIT_STREAM} (subjects {AUDIT_SUBJECTS}, one JSON event per message)")
-    typer.echo(f"credentials:  {seed}  (nkey seed of the read-only `audit` user; keep it private)")
-    typer.echo(f"inbox prefix: {inbox}  (clients must use it: the audit user may only receive there)")
-    typer.echo(f"example:      {example}")
+    typer.echo(f"NATS URL:     {info['url']}")
+    typer.echo(f"stream:       {info['stream']} (subjects {info['subjects']}, one JSON event per message)")
+    typer.echo(
+        f"credentials:  {info['seed_file']}  (nkey seed of the read-only `audit` user; keep it private)"
+    )
+    typer.echo(
+        f"inbox prefix: {info['inbox_prefix']}  (clients must use it: the audit user may only receive there)"
+    )
+    typer.echo(f"example:      {info['example']}")
     typer.echo(
         "The `audit` user may only create consumers on the stream and read them: it cannot publish, "
         "delete or change anything."

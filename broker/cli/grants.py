@@ -1,28 +1,21 @@
 """`rumi grant`, `rumi revoke`, `rumi grants`: edit and show `docker/grants/<component_id>.json`.
 
-Every write is checked with the broker's own loader first (`check_grant_document`), then written
-atomically (temp file + rename), so the broker never reads a half-written or invalid grant from us.
+The editing (checked with the broker's own loader, written atomically under a lock) is
+`broker.admin.grants`; these commands parse options and print.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
-import msgspec
 import typer
 
 from broker.cli.common import RootOption, fail, workspace
 from broker.core.ids import parse_component_id
-from broker.core.workspace import Workspace
-from broker.policy.grants import GrantFileState, GrantStore, ScopeStore, check_grant_document
-from broker.policy.plugins import HandlerRegistry, display_path
+
+if TYPE_CHECKING:
+    from broker.policy.grants import GrantFileState
 
 __all__ = ["grant_cmd", "grants_cmd", "register", "revoke_cmd"]
 
@@ -36,73 +29,6 @@ def _component(component: str) -> None:
         parse_component_id(component)
     except ValueError as exc:
         fail(str(exc))
-
-
-@contextlib.contextmanager
-def _locked(ws: Workspace) -> Iterator[None]:
-    """Serialise concurrent `rumi grant`/`revoke` runs so no update is lost."""
-    ws.grants.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ws.grants / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _read_document(path: Path, component: str) -> dict[str, Any] | None:
-    """The grant file as plain JSON (None when absent); refuse one we cannot safely edit."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        fail(f"{display_path(path)}: cannot read ({exc.strerror})")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        fail(f"{display_path(path)}: not valid JSON ({exc}); fix it or run `rumi revoke {component}`")
-    if not isinstance(doc, dict) or not isinstance(doc.get("permissions", {}), dict):
-        fail(f"{display_path(path)}: not a grant file object; fix it or run `rumi revoke {component}`")
-    return doc
-
-
-def _encode(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, indent=2) + "\n").encode()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader sees the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A dot name not ending in .json: the broker's watcher ignores it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _merge_list(entry: dict[str, Any], key: str, values: list[Any], option: str) -> None:
-    if not values:
-        return
-    current = entry.get(key, [])
-    if not isinstance(current, list):
-        fail(
-            f"the existing {key} is not a list; fix the grant file or revoke the permission first ({option})"
-        )
-    entry[key] = current + [v for v in dict.fromkeys(values) if v not in current]
 
 
 def grant_cmd(
@@ -124,62 +50,26 @@ def grant_cmd(
     root: RootOption = None,
 ) -> None:
     """Grant PERMISSION to COMPONENT (adds to or creates docker/grants/COMPONENT.json)."""
+    from broker.admin.grants import GrantEditError, grant_permission
+    from broker.policy.plugins import display_path
+
     _component(component)
-    ws = workspace(root)
-    if not ws.handlers.is_dir():
-        fail(f"no workspace at {ws.root}: run `rumi init` first (or pass --root)")
-    registry = HandlerRegistry(ws.handlers)
-    plugin = registry.get(permission)
-    if plugin is None:
-        refused = registry.error_for(permission)
-        if refused is not None:
-            fail(f"handler {permission!r} is refused: {refused}")
-        fail(f"unknown permission {permission!r}; installed: {', '.join(registry.names()) or 'none'}")
-    given: dict[str, tuple[str, list[Any]]] = {
-        "directories": ("--dir", [str(Path(d).expanduser().resolve()) for d in dirs or []]),
-        "allowed_keys": ("--key", list(keys or [])),
-        "allowed_domains": ("--domain", list(domains or [])),
-        "allowed_ports": ("--port", list(ports or [])),
-        "shell": ("--shell", [True] if shell else []),
-    }
-    takes = {f.encode_name for f in msgspec.structs.fields(plugin.grant_schema)}
-    for key, (option, values) in given.items():
-        if values and key not in takes:
-            fail(f"{permission} does not take {option} (its grant keys: {', '.join(sorted(takes))})")
-    path = ws.grant_file(component)
-    with _locked(ws):
-        doc = _read_document(path, component) or {"component_id": component, "permissions": {}}
-        permissions = doc.setdefault("permissions", {})
-        entry = permissions.get(permission, {})
-        if not isinstance(entry, dict):
-            fail(
-                f"{display_path(path)}: the {permission} entry is not an object; run `rumi revoke "
-                f"{component} {permission}` first"
-            )
-        entry = dict(entry)
-        entry["enabled"] = True
-        for key, (option, values) in given.items():
-            if key == "shell":
-                if values:
-                    entry["shell"] = True
-            else:
-                _merge_list(entry, key, values, option)
-        permissions[permission] = entry
-        data = _encode(doc)
-        scopes = ScopeStore(ws.scopes)
-        state = check_grant_document(ws, registry.plugins, scopes.current, path, data)
-        if not state.usable or permission not in state.entries:
-            fail(str(state.errors[0]) if state.errors else f"{permission}: grant entry refused")
-        _write_atomic(path, data)
-    typer.echo(f"granted {permission} to {component} ({display_path(path)})")
-    if permission in scopes.current.invalid:
-        typer.echo(f"warning: {scopes.current.invalid[permission]}; requests stay denied", err=True)
-    elif plugin.requires_scope and scopes.get(permission) is None:
-        scope_file = display_path(ws.scopes / f"{permission}.json")
-        typer.echo(
-            f"warning: {permission} has no scope installed ({scope_file}); requests denied until it exists",
-            err=True,
+    try:
+        granted = grant_permission(
+            workspace(root),
+            component,
+            permission,
+            dirs=dirs,
+            keys=keys,
+            domains=domains,
+            ports=ports,
+            shell=shell,
         )
+    except GrantEditError as exc:
+        fail(str(exc))
+    typer.echo(f"granted {permission} to {component} ({display_path(granted.path)})")
+    if granted.warning:
+        typer.echo(f"warning: {granted.warning}", err=True)
 
 
 def revoke_cmd(
@@ -190,32 +80,24 @@ def revoke_cmd(
     root: RootOption = None,
 ) -> None:
     """Revoke PERMISSION from COMPONENT, or every permission (removes its grant file)."""
+    from broker.admin.grants import GrantEditError, Revoked, revoke_permission
+    from broker.policy.plugins import display_path
+
     _component(component)
     ws = workspace(root)
-    path = ws.grant_file(component)
-    with _locked(ws):
-        if not path.exists():
-            typer.echo(f"nothing to revoke: {component} has no grant file")
-            return
-        if permission is None:
-            path.unlink()
-            typer.echo(f"revoked every permission of {component} (removed {display_path(path)})")
-            return
-        doc = _read_document(path, component)
-        assert doc is not None
-        permissions = doc.get("permissions", {})
-        if permission not in permissions:
-            typer.echo(f"nothing to revoke: {component} has no {permission} grant")
-            return
-        del permissions[permission]
-        if permissions:
-            _write_atomic(path, _encode(doc))
-            typer.echo(f"revoked {permission} from {component}")
-        else:
-            path.unlink()
-            typer.echo(
-                f"revoked {permission} from {component} (no permissions left: removed {display_path(path)})"
-            )
+    try:
+        done = revoke_permission(ws, component, permission)
+    except GrantEditError as exc:
+        fail(str(exc))
+    removed = display_path(ws.grant_file(component))
+    messages = {
+        Revoked.NO_GRANT_FILE: f"nothing to revoke: {component} has no grant file",
+        Revoked.ALL: f"revoked every permission of {component} (removed {removed})",
+        Revoked.NOT_GRANTED: f"nothing to revoke: {component} has no {permission} grant",
+        Revoked.ONE: f"revoked {permission} from {component}",
+        Revoked.LAST: f"revoked {permission} from {component} (no permissions left: removed {removed})",
+    }
+    typer.echo(messages[done])
 
 
 def _settings(entry: object) -> str:
@@ -244,11 +126,13 @@ def grants_cmd(
     root: RootOption = None,
 ) -> None:
     """Show grants, and every invalid grant file with its error (that component is denied)."""
+    from broker.admin.grants import grant_files
+    from broker.policy.plugins import display_path
+
     if component is not None:
         _component(component)
     ws = workspace(root)
-    store = GrantStore(ws, HandlerRegistry(ws.handlers))
-    files = [s for s in store.files() if component is None or (s.component_id or s.path.stem) == component]
+    files = grant_files(ws, component)
     if as_json:
         out = [
             {

@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from broker.core.errors import Denied, GrantError, RequestError, ScopeError, UnknownCapability
+from broker.core.protected import file_identity
 from broker.core.workspace import Workspace
 from broker.policy.grants import (
     GrantStore,
@@ -418,6 +419,30 @@ def test_policy_constructors(ws: Workspace) -> None:
 
 
 # --- hot reload --------------------------------------------------------------------------------------
+
+
+def test_decide_shares_the_grant_stores_protected_index(ws: Workspace, outside: Path) -> None:
+    write_grant(ws, "a:tool:t", {"files": {"enabled": True, "directories": [str(outside)]}})
+    pol = policy_for(ws)
+    protected = pol.decide("a", "a:tool:t", "files").protected
+    assert protected is not None
+    assert pol.decide("a", "a:tool:t", "files").protected is protected  # one set per Pack
+    index = pol.grants.protected_index
+    # The one tagged index gives each Pack exactly the paths `ws.protected_paths(pack)` lists.
+    for pack in ("a", "b", "future", None):
+        assert sorted(index.paths(pack)) == sorted(ws.protected_paths(pack)), pack
+    assert sorted(protected.paths()) == sorted(ws.protected_paths("a"))
+    (ws.work_areas / "b" / "theirs.txt").write_text("b's")
+    (ws.work_areas / "a" / "mine.txt").write_text("a's")
+    assert protected.contains(file_identity((ws.work_areas / "b" / "theirs.txt").stat()))
+    assert not protected.contains(file_identity((ws.work_areas / "a" / "mine.txt").stat()))
+    # A file created under docker/.rumi after the index was built is in it after the watcher's poll.
+    (ws.state / "creds").mkdir()
+    (ws.state / "creds" / "b.nk").write_text("seed")
+    os.link(ws.state / "creds" / "b.nk", outside / "copy.nk")
+    pol.refresh()
+    assert protected.contains(file_identity((outside / "copy.nk").stat()))
+    assert index.contains(file_identity((outside / "copy.nk").stat()))
 
 
 def test_refresh_picks_up_changes_and_revocations(ws: Workspace, outside: Path) -> None:

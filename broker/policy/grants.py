@@ -46,7 +46,7 @@ import msgspec
 
 from broker.core.errors import Denied, GrantError, ScopeError, UnknownCapability, WorkspaceError
 from broker.core.ids import CAPABILITY_RE, parse_component_id
-from broker.core.protected import ProtectedSet
+from broker.core.protected import ProtectedIndex, ProtectedSet
 from broker.core.workspace import Workspace
 from broker.policy.plugins import HandlerPlugin, HandlerRegistry, WatchedDirectory, display_path
 
@@ -478,7 +478,10 @@ class GrantStore:
     """All grant files of a workspace, checked; `refresh()` re-reads only what changed.
 
     `refresh()` also reloads the handler registry and the scopes, and re-checks every grant when
-    handlers, scopes or the workspace layout (e.g. a new Pack sandbox) changed.
+    handlers, scopes or the workspace layout (e.g. a new Pack sandbox) changed. It refreshes the
+    workspace's protected-path index too (`protected_index`, shared by every Pack's `ProtectedSet`):
+    the entries beneath the protected directories are re-listed where they changed, and cached
+    grant-root ancestor chains are dropped, on every poll.
     """
 
     def __init__(self, ws: Workspace, registry: HandlerRegistry, scopes: ScopeStore | None = None) -> None:
@@ -492,6 +495,7 @@ class GrantStore:
         self._reported: set[str] = set()  # errors already logged, so each is logged once
         self._lock = threading.Lock()
         self.snapshot = _EMPTY
+        self.protected_index = ProtectedIndex.for_workspace(ws)  # built on first use
         self.refresh()
 
     @property
@@ -520,6 +524,10 @@ class GrantStore:
 
     def refresh(self) -> bool:
         """Pick up changed handler, scope and grant files; return True if anything was re-checked."""
+        try:
+            self.protected_index.refresh()  # a few dozen stats; re-lists only directories that changed
+        except Exception as exc:  # grants (revocations) must reload even so; checks re-validate on their own
+            log.error("protected-path index refresh failed: %s: %s", type(exc).__name__, exc)
         with self._lock:
             self.registry.reload_if_changed()
             self.scopes.reload_if_changed()
@@ -682,8 +690,9 @@ class Policy:
         # A fresh copy per request: a handler cannot change the grant the next request sees.
         protected = self._protected.get(pack_id)
         if protected is None:
-            # Lazy: the set lists and stats the protected paths again on every check.
-            protected = self._protected[pack_id] = ProtectedSet.for_pack(self.ws, pack_id)
+            # Lazy; every Pack's set looks up the grant store's one index, which its watcher refreshes.
+            index = self.grants.protected_index if self.grants.ws.root == self.ws.root else None
+            protected = self._protected[pack_id] = ProtectedSet.for_pack(self.ws, pack_id, index=index)
         return Decision(plugin, dict(msgspec.msgpack.decode(grant)), protected)
 
 

@@ -20,7 +20,14 @@ from __future__ import annotations
 
 from broker.backends import egress, files, tunnels
 from broker.backends import terminal as sandbox
-from broker.backends.files import find_grant_root, protected_set, read_beneath, write_beneath
+from broker.backends.files import (
+    check_beneath_grant,
+    find_grant_root,
+    protected_set,
+    read_beneath,
+    read_beneath_async,
+    write_beneath,
+)
 from broker.core.context import HandlerContext, Limits
 from broker.core.errors import (
     Denied,
@@ -45,12 +52,14 @@ __all__ = [
     "Timeout",
     "TooLarge",
     "Unavailable",
+    "check_beneath_grant",
     "egress",
     "files",
     "find_grant_root",
     "is_pack_id",
     "protected_set",
     "read_beneath",
+    "read_beneath_async",
     "sandbox",
     "tunnels",
     "write_beneath",

@@ -8,12 +8,15 @@ of this is tested end to end through a real broker (tests/test_broker.py, tests/
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 
 from broker.core.context import HandlerContext, Limits
@@ -69,7 +72,22 @@ class LoadedHandler:
             raise InvalidRequest(f"invalid arguments: {exc}") from None
         if self.plugin.authorize is not None:
             self.plugin.authorize(ctx.grant, converted)
-        return self.plugin.execute(ctx, converted)
+        result = self.plugin.execute(ctx, converted)
+        if inspect.isawaitable(result) and not _in_event_loop():
+            # A sync test calling an async handler: run it to completion, as the service awaits it.
+            async def wait() -> Any:
+                return await result
+
+            return anyio.run(wait)
+        return result
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def load_handler(name: str) -> LoadedHandler:

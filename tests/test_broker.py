@@ -80,25 +80,28 @@ async def test_allowed_and_denied_requests_are_answered_and_audited(
         with pytest.raises(PermissionDenied):
             await pack.context().file_read(f"{sandbox}/a.txt")
         chain = broker.chain_id
-    events = await audit_events(ws, 9)
-    decisions = [(e["capability"], e["decision"], e["code"]) for e in events if e.get("phase") != "outcome"]
-    assert decisions == [
-        ("file_write", "allow", "ok"),
-        ("file_read", "allow", "ok"),
-        ("file_read", "allow", "ok"),  # /etc/passwd passes the grant check; the handler refuses it
-        ("file_read", "allow", "ok"),
-        ("env_read", "allow", "ok"),
-        ("env_read", "allow", "ok"),
-        ("no_such_capability", "deny", "unknown_capability"),
-        ("file_read", "deny", "permission_denied"),
-        ("file_read", "deny", "permission_denied"),
+    events = await audit_events(ws, 10)
+    by_request: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_request.setdefault(e["request_id"], []).append(e)
+    per_request = [
+        (group[0]["capability"], [(e.get("phase"), e["decision"], e["code"]) for e in group])
+        for group in by_request.values()
     ]
-    outcomes = [e for e in events if e.get("phase") == "outcome" and e["decision"] == "deny"]
-    assert sorted((e["capability"], e["code"]) for e in outcomes) == [
-        ("env_read", "permission_denied"),
-        ("file_read", "permission_denied"),
-        ("file_read", "permission_denied"),
+    refused = [("decision", "deny", "permission_denied")]  # refused on its arguments: one event, deny
+    assert per_request == [
+        ("file_write", [("decision", "allow", "ok"), ("outcome", "allow", "ok")]),
+        ("file_read", [("complete", "allow", "ok")]),  # a read: one event, stored before the data left
+        ("file_read", refused),  # /etc/passwd is outside the grant
+        ("file_read", refused),  # ../ climbs out of the grant
+        ("env_read", [("complete", "allow", "ok")]),
+        ("env_read", refused),  # HOME is not granted
+        ("no_such_capability", [("decision", "deny", "unknown_capability")]),
+        ("file_read", refused),
+        ("file_read", refused),
     ]
+    read = next(e for e in events if e["capability"] == "file_read" and e.get("phase") == "complete")
+    assert read["extra"] == {"bytes": 5}
     assert all(e["chain"] == chain and e["pack_id"] == "default" for e in events)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     for e in events:
@@ -112,6 +115,7 @@ async def test_request_without_the_servers_account_stamp_is_denied(
     """Only requests that came through the Pack's account import count as that Pack's."""
     from broker.core.protocol import ENCODER, Request
     from broker.service.broker import Broker
+    from broker.service.lanes import stamped_account
 
     broker = Broker(ws)
 
@@ -120,14 +124,18 @@ async def test_request_without_the_servers_account_stamp_is_denied(
         headers: dict[str, str] = {}
         data = ENCODER.encode(Request(v=1, id="abc", component_id=TOOL, args={"path": "/x"}))
 
+    def check(msg: FakeMsg) -> None:
+        # The lane comes from the server-stamped account, as in Broker._admit.
+        broker._check_identity(msg, broker.lanes.lane(stamped_account(msg.headers)))  # type: ignore[arg-type]
+
     with pytest.raises(Exception) as exc:
-        broker._check_identity(FakeMsg(), "default", "file_read")  # type: ignore[arg-type]
+        check(FakeMsg())
     assert getattr(exc.value, "code", "") == "permission_denied"
     FakeMsg.headers = {"Nats-Request-Info": json.dumps({"acc": "PACK_other"})}
     with pytest.raises(Exception):
-        broker._check_identity(FakeMsg(), "default", "file_read")  # type: ignore[arg-type]
+        check(FakeMsg())
     FakeMsg.headers = {"Nats-Request-Info": json.dumps({"acc": "PACK_default"})}
-    broker._check_identity(FakeMsg(), "default", "file_read")  # type: ignore[arg-type]
+    check(FakeMsg())
 
 
 MALFORMED = [
@@ -153,9 +161,16 @@ MALFORMED = [
 ]
 
 
+def set_broker_config(ws: Workspace, **settings: Any) -> None:
+    cfg = json.loads(ws.config_file.read_text())
+    cfg["broker"].update(settings)
+    ws.config_file.write_text(json.dumps(cfg))
+
+
 async def test_malformed_messages_get_invalid_request_and_an_audit_event(
     ws: Workspace, nats_server: object
 ) -> None:
+    set_broker_config(ws, refusals_per_second=100)  # each refusal its own event (folding: below)
     async with running_broker(ws):
         for payload in MALFORMED:
             reply = await raw_request(ws, "default", "file_read", payload)

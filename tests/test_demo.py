@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,10 @@ def assert_table(stdout: str) -> None:
         assert line is not None, f"row {attempt!r} missing:\n{stdout}"
         assert f"  {result}  " in line, line
         assert "#" in line, f"no audit event on {line!r}"
+        if result == "denied":
+            # Refused on its arguments: exactly one audit event, and it says deny.
+            audit = line.rsplit("  ", 1)[-1].split(" (")[0]
+            assert re.fullmatch(r"#\d+ deny/permission_denied", audit), line
     assert "hash chain verified" in stdout
 
 

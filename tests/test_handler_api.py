@@ -49,8 +49,8 @@ def test_handler_api_exports_what_the_docs_name() -> None:
     assert sorted(api.__all__) == sorted(
         [
             "Denied", "HandlerContext", "HandlerFailed", "InvalidRequest", "Limits", "RateLimited",
-            "RequestError", "Timeout", "TooLarge", "Unavailable", "egress", "files", "find_grant_root",
-            "is_pack_id", "protected_set", "read_beneath", "sandbox", "tunnels", "write_beneath",
+            "RequestError", "Timeout", "TooLarge", "Unavailable", "check_beneath_grant", "egress", "files", "find_grant_root",
+            "is_pack_id", "protected_set", "read_beneath", "read_beneath_async", "sandbox", "tunnels", "write_beneath",
         ]
     )  # fmt: skip
     for name in api.__all__:

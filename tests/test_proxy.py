@@ -180,7 +180,7 @@ async def test_ungranted_port_is_403_and_the_denial_is_audited(
         async with proxy_stack(ws) as proxy_port:
             urls = {"https": f"https://127.0.0.1:{refused.port}/ok", "http": f"http://127.0.0.1:{refused.port}/ok"}
             out = await run_clients(proxy_port, urls, pki["ca"])
-            events = await network_events(ws, 12)
+            events = await network_events(ws, 6)
     finally:
         granted.close()
         refused.close()
@@ -190,8 +190,10 @@ async def test_ungranted_port_is_403_and_the_denial_is_audited(
         assert http.get("status") == 403 and "permission_denied" in http["body"], (lib, http)
         assert f"port {refused.port} is not granted" in http["body"]
     assert refused.connections == 0
-    denials = [e for e in events if e["phase"] == "outcome"]
-    assert len(denials) == 6
+    # Refused on its arguments (the port is not granted): one event per request, decision deny.
+    denials = [e for e in events if e["phase"] == "decision"]
+    assert len(denials) == 6 and len(events) == 6, events
+    assert len({e["request_id"] for e in denials}) == 6
     assert all(e["decision"] == "deny" and e["code"] == "permission_denied" for e in denials)
     assert {e["target"] for e in denials} == {f"127.0.0.1:{refused.port}"}
 
@@ -378,6 +380,8 @@ async def scenario_names_through_the_proxy(payload: dict[str, Any]) -> dict[str,
                 out["reasons"] = sorted(e["extra"]["reason"] for e in events
                                         if e["phase"] == "outcome" and e["decision"] == "allow")
                 out["errors"] = sorted(e["code"] for e in events if e["phase"] == "outcome" and e["decision"] in ("deny", "error"))
+                out["refused_on_arguments"] = sorted(e["code"] for e in events
+                                                     if e["phase"] == "decision" and e["decision"] == "deny")
             await anyio.sleep(0.3)
         finally:
             nats.stop()
@@ -403,7 +407,10 @@ def test_names_sni_and_refused_addresses_through_the_proxy(pki: dict[str, str]) 
     assert out["sni_final"] == ["granted.test"] * 3 and out["requests"] == 3
     assert out["trap_connections"] == 0
     assert out["reasons"].count("sni_mismatch") == 1 and out["reasons"].count("sni_missing") == 1
-    assert out["errors"] == ["permission_denied"] * 4
+    # Refused after resolving (loopback) or at the TLS check: outcome events. The name that is not
+    # granted at all is refused on its arguments: one decision event, deny.
+    assert out["errors"] == ["permission_denied"] * 3
+    assert out["refused_on_arguments"] == ["permission_denied"]
     assert "other.test" not in out["resolver_calls"]  # refused by the grant before any lookup
 
 

@@ -281,21 +281,25 @@ async def _events(ws: Workspace) -> list[dict[str, Any]]:
 
 
 def match_events(attempts: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[str]:
-    """Pair each attempt with its audit event(s): the tool makes its requests one after another."""
-    decisions = [e for e in events if e.get("phase", "decision") == "decision" and e["component_id"]]
-    outcomes = {e["request_id"]: e for e in events if e.get("phase") == "outcome"}
+    """Pair each attempt with its audit event(s), grouped by request (the tool makes one after another).
+
+    A request's first event is its decision (or, for a read, the one `complete` event); an outcome
+    may be stored after the next request's decision, so events are grouped by request id, not by order.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        if e.get("phase") in ("decision", "complete", "outcome") and e["component_id"]:
+            groups.setdefault(e["request_id"], []).append(e)
+    ordered = [g for g in groups.values() if g[0].get("phase") in ("decision", "complete")]
     rows = []
     for i in range(len(attempts)):
-        if i >= len(decisions):
+        if i >= len(ordered):
             rows.append("(missing)")
             continue
-        d = decisions[i]
-        text = f"#{d['seq']} {d['decision']}/{d['code']}"
-        o = outcomes.get(d["request_id"])
-        if o is not None:
-            text += f" → #{o['seq']} {o['decision']}/{o['code']}"
-        if d["component_id"] != "default:tool:my_tool":
-            text += f" ({d['component_id']})"
+        group = ordered[i]
+        text = " → ".join(f"#{e['seq']} {e['decision']}/{e['code']}" for e in group)
+        if group[0]["component_id"] != "default:tool:my_tool":
+            text += f" ({group[0]['component_id']})"
         rows.append(text)
     return rows
 

@@ -40,6 +40,7 @@ __all__ = [
     "AuditWriter",
     "ChainVerifier",
     "RateLimitAggregator",
+    "RefusalAggregator",
     "VerifyFailure",
     "VerifyReport",
     "audit_fields",
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 AUDIT_VERSION: Final = 1
 ZERO_HASH: Final = "0" * 64
 DECISIONS: Final = ("allow", "deny", "error")
-PHASES: Final = ("decision", "outcome")
+PHASES: Final = ("decision", "outcome", "complete")
 # Fields the chain owns; callers never set them.
 CHAIN_FIELDS: Final = ("chain", "seq", "prev_hash", "hash")
 REQUIRED_FIELDS: Final = (
@@ -301,39 +302,46 @@ def _describe(exc: BaseException | None) -> str:
 
 
 @dataclass
-class _RateBucket:
+class _RefusalBucket:
     first: dict[str, Any]
     count: int
     started: float
+    codes: dict[str, int] = field(default_factory=dict)
 
 
-class RateLimitAggregator:
-    """Folds ``rate_limited`` denials into one event per Pack per window, with a `count`.
+class RefusalAggregator:
+    """Folds refusals into one event per Pack per window, with a `count`.
 
-    Keyed by Pack only: the capability is the last subject token, which a Pack may vary at will, so
-    keying on it would let a flood escape the folding.  The first denial of a window names the event's
-    component, capability and target.
+    Used for every `rate_limited` refusal, and for any refusal beyond a Pack's individually audited
+    ones in a second. Keyed by the Pack's lane (its server-stamped account), never by subject tokens:
+    the capability is the last subject token, which a Pack may vary at will, so keying on it would let
+    a flood escape the folding. The first refusal of a window names the event's component, capability
+    and target; the event's `code` is the window's most frequent one, and `extra.codes` lists them all
+    when they differ.
 
-    The broker awaits `add` for each denial (it never blocks); `run` flushes closed windows until cancelled.
+    The broker awaits `add` for each refusal (it never blocks); `run` flushes closed windows until cancelled.
     """
 
     def __init__(self, writer: AuditWriter, window: float = 1.0) -> None:
         self._writer = writer
         self.window = window
-        self._buckets: dict[str, _RateBucket] = {}
+        self._buckets: dict[str, _RefusalBucket] = {}
 
-    async def add(self, fields: dict[str, Any]) -> None:
-        """Count one rate_limited denial (the first of a window supplies the event's fields); never waits."""
-        key = str(fields.get("pack_id"))
-        bucket = self._buckets.get(key)
+    async def add(self, fields: dict[str, Any], *, key: str | None = None) -> None:
+        """Count one refusal (the first of a window supplies the event's fields); never waits."""
+        bucket_key = str(fields.get("pack_id")) if key is None else key
+        code = str(fields.get("code"))
+        bucket = self._buckets.get(bucket_key)
         if bucket is None:
-            self._buckets[key] = _RateBucket(first=dict(fields), count=1, started=time.monotonic())
-        else:
-            bucket.count += 1
+            bucket = self._buckets[bucket_key] = _RefusalBucket(
+                first=dict(fields), count=0, started=time.monotonic()
+            )
+        bucket.count += 1
+        bucket.codes[code] = bucket.codes.get(code, 0) + 1
 
     @property
     def pending(self) -> int:
-        """Denials counted but not yet written."""
+        """Refusals counted but not yet written."""
         return sum(b.count for b in self._buckets.values())
 
     async def flush(self, *, older_than: float | None = None) -> list[dict[str, Any]]:
@@ -345,13 +353,18 @@ class RateLimitAggregator:
             bucket = self._buckets.pop(key)
             fields = dict(bucket.first)
             fields["decision"] = "deny"
-            fields["code"] = "rate_limited"
+            fields["code"] = max(sorted(bucket.codes), key=lambda c: bucket.codes[c])
             fields["count"] = bucket.count
+            fields.pop("phase", None)  # an aggregate is neither a decision nor an outcome of one request
+            fields.pop("message", None)
+            if len(bucket.codes) > 1:
+                summary = ",".join(f"{c}={n}" for c, n in sorted(bucket.codes.items()))
+                fields["extra"] = {**fields.get("extra", {}), "codes": summary}
             try:
                 events.append(await self._writer.record(fields, msg_id=str(fields.get("request_id"))))
             except AuditError as exc:
-                # The denials were already answered; losing their tally must not stop the broker.
-                log.warning("%s (%d rate_limited denials)", exc, bucket.count)
+                # The refusals were already answered; losing their tally must not stop the broker.
+                log.warning("%s (%d refusals)", exc, bucket.count)
         return events
 
     async def run(self) -> None:
@@ -359,6 +372,13 @@ class RateLimitAggregator:
         while True:
             await asyncio.sleep(self.window / 4)
             await self.flush(older_than=self.window)
+
+
+class RateLimitAggregator(RefusalAggregator):
+    """A RefusalAggregator for `rate_limited` refusals only: every refusal it counts has that code."""
+
+    async def add(self, fields: dict[str, Any], *, key: str | None = None) -> None:
+        await super().add({**fields, "code": "rate_limited"}, key=key)
 
 
 # ----------------------------------------------------------------------------------------- verify
@@ -386,6 +406,29 @@ class VerifyReport:
     events: int = 0
     heads: dict[str, tuple[int, str]] = field(default_factory=dict)
     failure: VerifyFailure | None = None
+    # (chain, request_id) -> timestamps of allow decisions still waiting for their outcome event
+    open_decisions: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def missing_outcomes(
+        self, *, older_than: float, now: datetime | None = None
+    ) -> list[tuple[str, str, str]]:
+        """(chain, request_id, ts) of allowed decisions older than `older_than` seconds with no outcome.
+
+        A request that acts writes its decision, then its outcome; a broker that stopped in between
+        (a crash, kill -9) leaves the decision alone. Sessions (tunnels) are left out: their outcome
+        comes when they close. Reads have one `complete` event and never appear here.
+        """
+        limit = (now or datetime.now(UTC)).timestamp() - older_than
+        found = []
+        for (chain, request_id), stamps in self.open_decisions.items():
+            for ts in stamps:
+                try:
+                    when = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+                except ValueError:
+                    when = 0.0
+                if when <= limit:
+                    found.append((chain, request_id, ts))
+        return sorted(found, key=lambda item: item[2])
 
     @property
     def ok(self) -> bool:
@@ -426,6 +469,22 @@ class ChainVerifier:
         if problem is not None:
             chain, seq, reason, detail = problem
             self.report.failure = VerifyFailure(index, chain, seq, reason, detail)
+            return
+        self._track_outcome(event)
+
+    def _track_outcome(self, event: dict[str, Any]) -> None:
+        key = (str(event.get("chain")), str(event.get("request_id")))
+        phase = event.get("phase")
+        if phase == "decision" and event.get("decision") == "allow":
+            extra = event.get("extra")
+            if not (isinstance(extra, dict) and extra.get("session") is True):
+                self.report.open_decisions.setdefault(key, []).append(str(event.get("ts")))
+        elif phase == "outcome":
+            waiting = self.report.open_decisions.get(key)
+            if waiting:
+                waiting.pop(0)
+                if not waiting:
+                    del self.report.open_decisions[key]
 
     def _fail_malformed(self, event: Any, detail: str) -> tuple[str | None, int | None, str, str]:
         chain = event.get("chain") if isinstance(event, dict) else None

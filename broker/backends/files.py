@@ -7,7 +7,10 @@ is missing (Linux < 5.6, or filtered by seccomp) file access is refused, never e
 
 On top of that every object reached is checked against the workspace's protected paths
 (``docker/.rumi``, grants, handlers, other Packs' sandboxes, ...) by device and inode, walking
-the real parent directories, so neither a symlink inside a grant nor a hard link reaches them.
+the real parent directories up to the grant root (whose own ancestors are checked once per grant
+load, see ``broker.core.protected``), so a symlink inside a grant does not reach them; a hard link
+to a protected file (its identity is in the protected-path index) is refused for reading and for
+writing over it.
 
 Stdlib and ctypes only: this module imports nothing of NATS, Docker or typer.
 """
@@ -16,17 +19,21 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import secrets
 import stat
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from broker.core.context import HandlerContext
 from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RequestError, TooLarge, Unavailable
-from broker.core.protected import FileIdentity, ProtectedSet, file_identity
+from broker.core.protected import FileIdentity, ProtectedIndex, ProtectedSet, file_identity
 
 if TYPE_CHECKING:
-    pass
+    from broker.core.workspace import Workspace
 
 __all__ = [
     "RESOLVE_BENEATH",
@@ -36,9 +43,12 @@ __all__ = [
     "RESOLVE_NO_XDEV",
     "FileIdentity",
     "ProtectedSet",
+    "check_beneath_grant",
     "find_grant_root",
+    "open_beneath",
     "openat2",
     "read_beneath",
+    "read_beneath_async",
     "write_beneath",
 ]
 
@@ -154,6 +164,32 @@ def find_grant_root(path: str, directories: list[str]) -> tuple[str, str]:
     return best[0], "/".join(want[best[1] :]) or "."
 
 
+def check_beneath_grant(path: str, directories: Sequence[object], *, for_write: bool = False) -> None:
+    """Raise unless `path`, read as text, lies beneath one of `directories` (a pure, fast pre-check).
+
+    For `authorize`: absolute, no NUL, beneath a granted directory by components, and no ".." that
+    climbs above that directory; `for_write` also wants a file name at the end (as `write_beneath`).
+    It follows no link and touches no file: the race-free check is still openat2(RESOLVE_BENEATH)
+    when the file is opened, which refuses what this one cannot see.
+    """
+    granted = [d for d in directories if isinstance(d, str)]
+    if not granted:
+        raise Denied("no directories are granted")
+    if for_write and isinstance(path, str) and path.endswith("/"):
+        raise InvalidRequest("path must name a file, not end with /")
+    _, rest = find_grant_root(path, granted)
+    if for_write and _split(rest)[1] in (".", ".."):
+        raise InvalidRequest("path must end with a file name")
+    depth = 0
+    for part in _components(rest):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise Denied("path escapes the granted directory")
+        elif part != ".":
+            depth += 1
+
+
 _ERRNO_MESSAGES: dict[int, RequestError] = {
     errno.EXDEV: Denied("path escapes the granted directory"),
     errno.ELOOP: Denied("path escapes the granted directory"),
@@ -190,6 +226,12 @@ def _grant_directories(context: HandlerContext) -> list[str]:
     return [d for d in dirs if isinstance(d, str)]
 
 
+@functools.lru_cache(maxsize=8)
+def _workspace_index(ws: Workspace) -> ProtectedIndex:
+    """One protected-path index per workspace for the fallback below (kept current by its stamps)."""
+    return ProtectedIndex.for_workspace(ws)
+
+
 def protected_set(context: HandlerContext) -> ProtectedSet:
     """The handler context's protected-path set; derived from the workspace if absent, else refuse."""
     if context.protected is not None:
@@ -198,7 +240,8 @@ def protected_set(context: HandlerContext) -> ProtectedSet:
         # Fail closed: without the broker's set, derive it from the workspace.
         from broker.core.workspace import Workspace
 
-        return ProtectedSet.for_pack(Workspace.at(context.workspace_root), context.pack_id or None)
+        ws = Workspace.at(context.workspace_root)
+        return ProtectedSet.for_pack(ws, context.pack_id or None, index=_workspace_index(ws))
     raise HandlerFailed("the broker gave no protected-path set; the request is refused")
 
 
@@ -271,25 +314,58 @@ def read_beneath(context: HandlerContext, path: str, max_bytes: int) -> bytes:
 
     Refuses escapes, magic links, protected paths, non-regular files; TooLarge over `max_bytes`.
     """
+    fd = open_beneath(context, path, max_bytes)
+    try:
+        return _read_capped(fd, max_bytes)
+    except OSError as exc:
+        raise _safe_error(exc) from None
+    finally:
+        os.close(fd)
+
+
+INLINE_READ_BYTES = 64 * 1024
+
+
+async def read_beneath_async(
+    context: HandlerContext, path: str, max_bytes: int, *, inline_bytes: int = INLINE_READ_BYTES
+) -> bytes:
+    """`read_beneath` for an async handler: opened and checked in the event loop (a few syscalls);
+    a file up to `inline_bytes` is read there too, a larger one in the Pack's own handler threads."""
+    fd = open_beneath(context, path, max_bytes)
+    try:
+        if os.fstat(fd).st_size <= inline_bytes:
+            return _read_capped(fd, max_bytes)
+        # Not abandoned on cancel: the fd is closed below only once no thread reads it.
+        run = context.run_blocking or anyio.to_thread.run_sync
+        data: bytes = await run(_read_capped, fd, max_bytes)
+        return data
+    except OSError as exc:
+        raise _safe_error(exc) from None
+    finally:
+        os.close(fd)
+
+
+def open_beneath(context: HandlerContext, path: str, max_bytes: int) -> int:
+    """The checked, opened file for `read_beneath` (the caller closes the fd)."""
     grant_dir, rel = find_grant_root(path, _grant_directories(context))
     protected = protected_set(context)
     root_fd = _open_root(grant_dir)
     try:
-        return _read(root_fd, rel, max_bytes, protected)
+        return _open_for_read(root_fd, rel, max_bytes, protected)
     except OSError as exc:
         raise _safe_error(exc) from None
     finally:
         os.close(root_fd)
 
 
-def _read(root_fd: int, rel: str, max_bytes: int, protected: ProtectedSet) -> bytes:
+def _open_for_read(root_fd: int, rel: str, max_bytes: int, protected: ProtectedSet) -> int:
     entry = _resolve(root_fd, rel)
     try:
         if stat.S_ISDIR(entry.st.st_mode):
             raise HandlerFailed("path is a directory")
         if not stat.S_ISREG(entry.st.st_mode) or entry.parent_fd is None or entry.name is None:
             raise Denied("path is not a regular file")
-        protected.check_fd(entry.fd, parent_fd=entry.parent_fd, name=entry.name)
+        protected.check_fd(entry.fd, parent_fd=entry.parent_fd, name=entry.name, root_fd=root_fd)
         if entry.st.st_size > max_bytes:
             raise TooLarge(f"file is larger than {max_bytes} bytes")
         # Open the very name we checked, refusing any link; O_NONBLOCK so a swapped-in FIFO cannot hang us.
@@ -304,9 +380,10 @@ def _read(root_fd: int, rel: str, max_bytes: int, protected: ProtectedSet) -> by
             st = os.fstat(fd)
             if file_identity(st) != file_identity(entry.st) or not stat.S_ISREG(st.st_mode):
                 raise HandlerFailed("the file changed during the request; try again")
-            return _read_capped(fd, max_bytes)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
     finally:
         entry.close()
 
@@ -363,7 +440,7 @@ def write_beneath(context: HandlerContext, path: str, data: bytes, max_bytes: in
 def _write(root_fd: int, dir_part: str, name: str, data: bytes, protected: ProtectedSet) -> int:
     parent = _openat2_retrying(root_fd, dir_part, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        protected.check_entry(parent, name)
+        protected.check_entry(parent, name, root_fd=root_fd)
         mode = 0o644
         try:
             old = os.stat(name, dir_fd=parent, follow_symlinks=False)

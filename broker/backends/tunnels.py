@@ -39,7 +39,7 @@ from broker.backends.egress import (
     IPAddress,
     parse_destination,
 )
-from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RequestError, TooLarge
+from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RateLimited, RequestError, TooLarge
 
 __all__ = [
     "MAX_CHUNK_BYTES",
@@ -507,7 +507,13 @@ class TunnelTable:
             return {"held": 0, "closed": tunnel.closed}
 
     async def recv(self, tunnel: Tunnel, max_bytes: int, wait: float) -> dict[str, Any]:
-        """Up to `max_bytes` the remote side sent, waiting at most `wait` s for the first byte."""
+        """Up to `max_bytes` the remote side sent, waiting at most `wait` s for the first byte.
+
+        One `recv` at a time per tunnel: a second while one waits is refused at once, never queued
+        (each waiting recv holds one of its Pack's in-flight slots).
+        """
+        if tunnel.recv_lock.locked():
+            raise RateLimited("another recv is already waiting on this tunnel")
         async with tunnel.recv_lock:
             self._check_open(tunnel)
             if tunnel.eof_down:

@@ -130,13 +130,21 @@ def tail_cmd(
     _run_to_pipe(body)
 
 
-def _print_report(report: VerifyReport, source: str) -> None:
+def _print_report(report: VerifyReport, source: str, *, request_timeout: float = 30.0) -> None:
     if report.failure is not None:
         typer.echo(f"FAILED ({source}): {report.failure}", err=False)
         raise typer.Exit(1)
     typer.echo(f"OK: {report.events} events in {report.chains} chains verified ({source})")
     for chain, (seq, head) in sorted(report.heads.items()):
         typer.echo(f"  chain {chain}: {seq} events, last hash {head}")
+    missing = report.missing_outcomes(older_than=request_timeout + 5)
+    if missing:
+        chain, request_id, ts = missing[0]
+        typer.echo(
+            f"  no outcome recorded for {len(missing)} allowed request(s) older than the request timeout "
+            f"(first: {request_id} in chain {chain} at {ts}): the broker stopped before writing them; "
+            "the actions may or may not have happened (docs/audit.md, 'Crashes')"
+        )
 
 
 @audit_app.command("verify")
@@ -160,7 +168,8 @@ def verify_cmd(
         _print_report(report, str(file))
         return
     ws = workspace(root)
-    _print_report(run_async(lambda: verify_stream(ws)), f"stream {AUDIT_STREAM}")
+    timeout = ws.load_config().broker.request_timeout
+    _print_report(run_async(lambda: verify_stream(ws)), f"stream {AUDIT_STREAM}", request_timeout=timeout)
 
 
 @audit_app.command("export")

@@ -42,7 +42,7 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def serve_broker(
-    ws: Workspace, *, verbose: bool, embedded: bool | None = None, port: int | None = None
+    ws: Workspace, *, verbose: bool, embedded: bool | None = None, port: int | None = None, workers: int = 1
 ) -> None:
     """Run the broker in this process until SIGTERM (`rumi broker`, and `rumi up`'s detached broker)."""
     import logging
@@ -55,4 +55,4 @@ def serve_broker(
     )
     if not ws.handlers.is_dir():
         fail(f"no workspace at {ws.root}: run `rumi init` first (or pass --root)")
-    run_async(lambda: run_broker(ws, embedded=embedded, port=port))
+    run_async(lambda: run_broker(ws, embedded=embedded, port=port, workers=workers))

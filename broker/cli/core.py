@@ -34,9 +34,18 @@ def broker_cmd(
         int | None, typer.Option(help="Port of the embedded nats-server (default from config).")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=64,
+            help="Broker processes; each serves its own share of the Packs, with its own audit chain.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the broker in the foreground (starts the embedded nats-server when no nats_url is configured)."""
-    serve_broker(workspace(root), verbose=verbose, port=port)
+    serve_broker(workspace(root), verbose=verbose, port=port, workers=workers)
 
 
 def dev_cmd(

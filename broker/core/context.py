@@ -54,6 +54,8 @@ class HandlerContext:
     """Set for handlers that open sessions: write the session's outcome event when it ends."""
     current_grant: Callable[[], Mapping[str, Any] | None] | None = None
     """The grant entry as it is now (None when revoked): long-lived sessions re-check it."""
+    run_blocking: Callable[..., Awaitable[Any]] | None = None
+    """`await ctx.run_blocking(fn, *args)`: run a blocking call in this Pack's share of handler threads."""
     resolver: Any = None
     """Tests only: a name resolver for the network back-end. The broker leaves it None."""
     tls_verify: Any = None

@@ -20,11 +20,17 @@ class AccountLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    max_in_flight: int = 256  # tunnel long-polls hold a slot while they wait
+    """`broker` in docker/config.json. Rates, in-flight, threads and refusals are per Pack (one lane each)."""
+
+    max_in_flight: int = 256  # kept for old configs; the per-Pack quota below is what binds
     rate_per_second: float = 200.0
     burst: int = 400
     request_timeout: float = 30.0
     grant_poll_interval: float = 0.2
+    max_in_flight_per_pack: int = 32  # tunnel long-polls hold one of their own Pack's slots
+    threads_per_pack: int = 4  # blocking handlers (files, Docker) of one Pack at once
+    refusals_per_second: int = 10  # audited one by one; more are folded into one event with a count
+    flood_refusals_per_second: int = 1000  # beyond: the Pack's requests go unanswered for a while
 
 
 class PackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -10,7 +10,9 @@ Shape (docs/handlers.md; handler files import only `broker.handler_api`)::
             "grant_schema": <msgspec.Struct subclass with `enabled: bool = False`>,   # optional
             "args_schema": <msgspec.Struct subclass>,                                  # optional
             "target": "<arg name>" or callable(raw_args) -> str,                       # optional
-            "continuation": callable(raw_args) -> bool}                                # optional
+            "continuation": callable(raw_args) -> bool,                                # optional
+            "opens_session": callable(raw_args) -> bool,                               # optional
+            "side_effect_free": bool}                                                  # optional
     def execute(ctx: HandlerContext, args) -> dict: ...      # or async def
     def authorize(grant: Mapping[str, Any], args) -> None     # optional, pure: raise Denied
     def shutdown() -> None                                    # optional (or async): end open sessions
@@ -63,6 +65,8 @@ _META_KEYS = (
     "args_schema",
     "target",
     "continuation",
+    "side_effect_free",
+    "opens_session",
 )
 # Unique module names: a reloaded plugin never replaces the module an in-flight request still uses.
 _module_counter = itertools.count(1)
@@ -94,6 +98,10 @@ class HandlerPlugin:
     authorize: Callable[[Mapping[str, Any], Any], None] | None = None
     # shutdown(): called once when the broker stops, to end the handler's open sessions
     shutdown: Callable[[], Any] | None = None
+    # True: the handler changes nothing (a read): one audit event after it ran, before data is released
+    side_effect_free: bool = False
+    # callable(raw_args) -> bool: the request opens a session whose outcome is written when it ends
+    opens_session: Callable[[dict[str, Any]], bool] | None = None
 
     def convert_args(self, args: Mapping[str, Any]) -> Any:
         """The request's args as the handler takes them: validated into `args_schema`, or a plain dict.
@@ -319,6 +327,12 @@ def _plugin_from_module(name: str, path: Path, module: types.ModuleType) -> Hand
     continuation = meta.get("continuation")
     if continuation is not None and not callable(continuation):
         raise PluginError(f"{shown}: META['continuation'] must be callable(args) -> bool")
+    opens_session = meta.get("opens_session")
+    if opens_session is not None and not callable(opens_session):
+        raise PluginError(f"{shown}: META['opens_session'] must be callable(args) -> bool")
+    side_effect_free = meta.get("side_effect_free", False)
+    if type(side_effect_free) is not bool:
+        raise PluginError(f"{shown}: META['side_effect_free'] must be a bool")
     execute, is_async = _check_execute(shown, getattr(module, "execute", None))
     authorize = getattr(module, "authorize", None)
     if authorize is not None and not _takes_two_positional(authorize):
@@ -342,6 +356,8 @@ def _plugin_from_module(name: str, path: Path, module: types.ModuleType) -> Hand
         continuation=continuation,
         authorize=authorize,
         shutdown=shutdown,
+        side_effect_free=side_effect_free,
+        opens_session=opens_session,
     )
 
 

@@ -12,15 +12,16 @@ capacity limit, never inside a nats-py callback, so a flood cannot block the rea
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import inspect
-import json
 import logging
 import re
 import secrets
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ from broker.core.protocol import (
     ok_reply,
 )
 from broker.core.workspace import RumiConfig, Workspace
-from broker.service.ratelimit import TokenBuckets
+from broker.service.lanes import Lanes, LaneSettings, PackLane, stamped_account
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -54,6 +55,111 @@ if TYPE_CHECKING:
 log = logging.getLogger("rumi.broker")
 
 MAX_TARGET = 256
+# Each Pack's requests arrive on a connection of their own (see PackReader); these bound what one
+# subscription buffers in the broker before it drops that Pack's excess.
+PENDING_MSGS_LIMIT = 65_536
+PENDING_BYTES_LIMIT = 128 * 1024 * 1024
+PACK_POLL_INTERVAL = 1.0  # how often the broker looks for added or removed Packs
+
+Admit = Callable[["Msg", anyio.abc.TaskGroup], Coroutine[Any, Any, bool]]
+
+
+class PackReader:
+    """One Pack's requests, on a NATS connection of their own.
+
+    The server buffers a bounded amount per connection and drops a connection that falls behind
+    ("slow consumer"). With one shared connection a single flooding Pack made the server drop the
+    broker for everyone; with one per Pack, only the flooding Pack's own connection can fall behind.
+
+    A Pack whose requests are refused faster than `flood_refusals` per second is flooding: its
+    subscription is paused (the server then answers its requests "no responders" by itself, at no
+    cost to the broker) for one second, doubling while the flood goes on, up to `MAX_PAUSE`.
+    """
+
+    MAX_PAUSE = 8.0
+
+    def __init__(self, ws: Workspace, pack_id: str, nc: Client, flood_refusals: int) -> None:
+        self.ws = ws
+        self.pack_id = pack_id
+        self.nc = nc
+        self.sub: Any = None
+        self.flood_refusals = flood_refusals
+        self.pauses = 0
+        self._stopped = False
+
+    @classmethod
+    async def open(
+        cls, ws: Workspace, pack_id: str, requests: anyio.abc.TaskGroup, admit: Admit, flood_refusals: int
+    ) -> PackReader:
+        from broker.bus.server import connect
+
+        nc = await connect(ws, "broker", name=f"rumi-broker-{pack_id}")
+        reader = cls(ws, pack_id, nc, flood_refusals)
+        await reader._subscribe()
+        requests.start_soon(reader._read, requests, admit)
+        return reader
+
+    async def _subscribe(self) -> None:
+        self.sub = await self.nc.subscribe(
+            f"rumi.pack.{self.pack_id}.req.*",
+            queue=BROKER_QUEUE,
+            pending_msgs_limit=PENDING_MSGS_LIMIT,
+            pending_bytes_limit=PENDING_BYTES_LIMIT,
+        )
+
+    async def _read(self, requests: anyio.abc.TaskGroup, admit: Admit) -> None:
+        pause = 1.0
+        while not self._stopped:
+            window, refused = time.monotonic(), 0
+            flooding = False
+            # Never inside a nats-py callback. One message, then a turn for everyone else: a Pack with
+            # a deep backlog cannot keep the event loop from the other Packs' readers and requests.
+            async for msg in self.sub.messages:
+                if not await admit(msg, requests):
+                    now = time.monotonic()
+                    if now - window >= 1.0:
+                        window, refused = now, 0
+                    refused += 1
+                    if refused > self.flood_refusals:
+                        flooding = True
+                        break
+                await anyio.lowlevel.checkpoint()
+            if not flooding or self._stopped:
+                return
+            self.pauses += 1
+            log.warning(
+                "pack %s is flooding the broker: its requests go unanswered for %.0f s", self.pack_id, pause
+            )
+            await self.unsubscribe()
+            await anyio.sleep(pause)
+            pause = min(pause * 2, self.MAX_PAUSE) if refused > self.flood_refusals else 1.0
+            if self._stopped:
+                return
+            await self._subscribe()
+
+    async def unsubscribe(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.sub.unsubscribe()
+
+    async def stop(self) -> None:
+        """Stop taking this Pack's requests (the broker is draining)."""
+        self._stopped = True
+        await self.unsubscribe()
+
+    async def close(self) -> None:
+        await self.stop()
+        with contextlib.suppress(Exception):
+            if not self.nc.is_closed:
+                await self.nc.close()
+
+
+def pack_worker(pack_id: str, workers: int) -> int:
+    """Which of `workers` broker processes serves `pack_id`: a stable hash, so a Pack's lane (its
+    bucket, quota, threads, tunnels) lives in exactly one process and per-Pack bounds are not
+    multiplied by the number of workers."""
+    if workers <= 1:
+        return 0
+    return int(hashlib.sha256(pack_id.encode()).hexdigest()[:8], 16) % workers
 
 
 def pack_account(pack_id: str) -> str:
@@ -126,12 +232,24 @@ class RequestRecord:
 class Broker:
     """Serves Pack requests from NATS; stateless apart from its audit chain, so N can share a queue group."""
 
-    def __init__(self, ws: Workspace, cfg: RumiConfig | None = None) -> None:
+    def __init__(
+        self, ws: Workspace, cfg: RumiConfig | None = None, *, worker: int = 0, workers: int = 1
+    ) -> None:
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker {worker} is not one of 0..{workers - 1}")
         self.ws = ws
         self.cfg = cfg or ws.load_config()
+        self.worker, self.workers = worker, workers
         s = self.cfg.broker
-        self.limiter = anyio.CapacityLimiter(s.max_in_flight)
-        self.buckets = TokenBuckets(s.rate_per_second, s.burst)
+        self.lanes = Lanes(
+            LaneSettings(
+                rate_per_second=s.rate_per_second,
+                burst=s.burst,
+                max_in_flight=s.max_in_flight_per_pack,
+                threads=s.threads_per_pack,
+                individual_refusals=s.refusals_per_second,
+            )
+        )
         self.in_flight = 0
         self.served = 0
         self._nc: Client | None = None
@@ -139,6 +257,9 @@ class Broker:
         self._grants: GrantStore | None = None
         self._audit: AuditWriter | None = None
         self._aggregator: Any = None
+        self._background: anyio.abc.TaskGroup | None = None
+        self._pending_outcomes = 0
+        self._readers: dict[str, PackReader] = {}
         self._max_reply = 1024 * 1024
         self.stopping = anyio.Event()
 
@@ -150,7 +271,7 @@ class Broker:
     # -- lifecycle -------------------------------------------------------------------------
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connect, subscribe in the queue group and serve until cancelled or `stop()`; then drain."""
-        from broker.audit.trail import AuditChain, AuditWriter, RateLimitAggregator
+        from broker.audit.trail import AuditChain, AuditWriter, RefusalAggregator
         from broker.bus.server import connect
         from broker.policy.grants import GrantStore, Policy
         from broker.policy.plugins import HandlerRegistry
@@ -167,34 +288,62 @@ class Broker:
         self._nc = nc
         self._max_reply = int(getattr(nc, "max_payload", 0) or 1024 * 1024)
         self._audit = AuditWriter(nc.jetstream(), AuditChain())
-        self._aggregator = RateLimitAggregator(self._audit)
-        sub = await nc.subscribe(REQUEST_WILDCARD, queue=BROKER_QUEUE, pending_msgs_limit=65536)
-        log.info("broker %s serving %s", self.chain_id, REQUEST_WILDCARD)
+        self._aggregator = RefusalAggregator(self._audit)
         try:
             async with anyio.create_task_group() as tg:
+                self._background = tg
                 tg.start_soon(functools.partial(grants.watch, interval=self.cfg.broker.grant_poll_interval))
                 tg.start_soon(self._aggregator.run)
                 async with anyio.create_task_group() as requests:
+                    await self._sync_pack_readers(requests)
+                    log.info("broker %s serving %s", self.chain_id, REQUEST_WILDCARD)
                     task_status.started()
-                    tg.start_soon(self._stop_reading, sub, requests)
-                    async for msg in sub.messages:
-                        requests.start_soon(self._handle, msg)
+                    tg.start_soon(self._watch_packs, requests)
+                    await self.stopping.wait()
+                    await self._stop_reading(requests)
                 # All in-flight requests are done (drained): handlers end their open sessions
                 # (a tunnel's outcome event is written now, not lost), then stop the helpers.
                 with anyio.move_on_after(5, shield=True):
                     await self._shutdown_handlers()
+                    while self._pending_outcomes:
+                        await anyio.sleep(0.01)
                 await self._aggregator.flush()
                 tg.cancel_scope.cancel()
         finally:
+            self._background = None
             with anyio.move_on_after(5, shield=True):
+                for reader in list(self._readers.values()):
+                    await reader.close()
                 if not nc.is_closed:
                     await nc.drain()
 
-    async def _stop_reading(self, sub: Any, requests: anyio.abc.TaskGroup) -> None:
-        await self.stopping.wait()
+    # -- one connection per Pack ---------------------------------------------------------------
+    async def _sync_pack_readers(self, requests: anyio.abc.TaskGroup) -> None:
+        """A reader (connection + subscription) for each Pack of the workspace; none for removed ones."""
+        wanted = {p for p in self.ws.pack_ids() if pack_worker(p, self.workers) == self.worker}
+        for pack_id in sorted(wanted - set(self._readers)):
+            try:
+                self._readers[pack_id] = await PackReader.open(
+                    self.ws, pack_id, requests, self._admit, self.cfg.broker.flood_refusals_per_second
+                )
+            except Exception as exc:
+                log.error("cannot serve pack %s yet: %s", pack_id, exc)
+        for pack_id in sorted(set(self._readers) - wanted):
+            await self._readers.pop(pack_id).close()
+
+    async def _watch_packs(self, requests: anyio.abc.TaskGroup) -> None:
+        while not self.stopping.is_set():
+            await anyio.sleep(PACK_POLL_INTERVAL)
+            try:
+                await self._sync_pack_readers(requests)
+            except Exception:
+                log.exception("pack readers: resync failed; trying again")
+
+    async def _stop_reading(self, requests: anyio.abc.TaskGroup) -> None:
         # Stop taking new requests; in-flight ones finish (bounded by the handler timeout).
         with anyio.move_on_after(2, shield=True):
-            await sub.unsubscribe()
+            for reader in list(self._readers.values()):
+                await reader.stop()
         with anyio.move_on_after(self.cfg.broker.request_timeout + 5):
             while self.in_flight:
                 await anyio.sleep(0.02)
@@ -218,60 +367,80 @@ class Broker:
                 log.error("shutdown hook of handler %s failed: %s", name, type(exc).__name__)
 
     # -- one request -----------------------------------------------------------------------
-    async def _handle(self, msg: Msg) -> None:
-        self.in_flight += 1
-        try:
-            reply = await self._process(msg)
-            if msg.reply:
-                try:
-                    await msg.respond(reply)
-                except Exception as exc:
-                    log.warning("could not send a reply: %s", exc)
-        finally:
-            self.in_flight -= 1
-            self.served += 1
+    async def _admit(self, msg: Msg, requests: anyio.abc.TaskGroup) -> bool:
+        """Run inline by the Pack's reader: the lane's bounds first, an over-limit request refused at once.
 
-    async def _process(self, msg: Msg) -> bytes:
+        The lane is the server-stamped account's. A refusal here costs a token check and a reply; an
+        admitted request becomes a task of the broker's own group and holds one of its Pack's slots.
+        """
+        lane = self.lanes.lane(stamped_account(msg.headers))
         parts = msg.subject.split(".")
-        pack_id = parts[2] if len(parts) == 5 else ""
-        capability = parts[4] if len(parts) == 5 else ""
         rec = RequestRecord(
             request_id=peek_request_id(msg.data) or "x-" + secrets.token_hex(12),
-            pack_id=pack_id,
-            capability=capability,
+            pack_id=lane.pack_id or (parts[2] if len(parts) == 5 else ""),
+            capability=parts[4] if len(parts) == 5 else "",
         )
+        self.served += 1
+        if not self.lanes.take_token(lane):
+            await self._respond(msg, await self._throttle(lane, rec, "too many requests; slow down"))
+            return False
+        if not self.lanes.has_room(lane):
+            message = "too many requests in flight for this Pack; slow down"
+            await self._respond(msg, await self._throttle(lane, rec, message))
+            return False
+        lane.in_flight += 1
+        self.in_flight += 1
+        requests.start_soon(self._serve, msg, lane, rec)
+        return True
+
+    async def _serve(self, msg: Msg, lane: PackLane, rec: RequestRecord) -> None:
         try:
-            self._check_identity(msg, pack_id, capability)
-            if not self.buckets.take(pack_id):
-                await self._aggregator.add(rec.fields("deny", "rate_limited"))
-                return error_reply(rec.reply_id, "rate_limited", "too many requests; slow down")
-            if self.limiter.available_tokens < 1:
-                raise errors.Unavailable("broker is at capacity; retry shortly")
-            async with self.limiter:
-                return await self._decide_and_run(msg, rec)
+            reply = await self._process(msg, lane, rec)
+        finally:
+            lane.in_flight -= 1
+            self.in_flight -= 1
+        await self._respond(msg, reply)
+
+    @staticmethod
+    async def _respond(msg: Msg, reply: bytes) -> None:
+        if msg.reply:
+            try:
+                await msg.respond(reply)
+            except Exception as exc:
+                log.warning("could not send a reply: %s", exc)
+
+    async def _throttle(self, lane: PackLane, rec: RequestRecord, message: str) -> bytes:
+        # Never waits: counted into the Pack's aggregate event for this second.
+        lane.rate_limited += 1
+        await self._aggregator.add(rec.fields("deny", "rate_limited"), key=lane.account)
+        return error_reply(rec.reply_id, "rate_limited", message)
+
+    async def _process(self, msg: Msg, lane: PackLane, rec: RequestRecord) -> bytes:
+        try:
+            self._check_identity(msg, lane)
+            return await self._decide_and_run(msg, lane, rec)
         except errors.RequestError as exc:
-            return await self._refuse(rec, exc)
+            return await self._refuse(lane, rec, exc)
         except Exception:
             # Fail closed on our own bugs too: deny, audit, keep serving.
             log.exception("unexpected broker error")
-            return await self._refuse(rec, errors.Unavailable("internal broker error"))
+            return await self._refuse(lane, rec, errors.Unavailable("internal broker error"))
 
-    def _check_identity(self, msg: Msg, pack_id: str, capability: str) -> None:
+    @staticmethod
+    def _check_identity(msg: Msg, lane: PackLane) -> None:
+        parts = msg.subject.split(".")
+        pack_id = parts[2] if len(parts) == 5 else ""
+        capability = parts[4] if len(parts) == 5 else ""
         if not PACK_ID_RE.match(pack_id):
             raise errors.InvalidRequest("malformed request subject")
         if not CAPABILITY_RE.match(capability):
             raise errors.UnknownCapability("malformed capability name")
         # The server stamps the requester's account on imported service requests; a request
         # that did not come through that Pack's account import is not that Pack's.
-        info = (msg.headers or {}).get("Nats-Request-Info", "")
-        try:
-            account = json.loads(info).get("acc", "") if info else ""
-        except (ValueError, AttributeError):
-            account = ""
-        if account != pack_account(pack_id):
+        if lane.account != pack_account(pack_id):
             raise errors.Denied("request did not come from this Pack's account")
 
-    async def _decide_and_run(self, msg: Msg, rec: RequestRecord) -> bytes:
+    async def _decide_and_run(self, msg: Msg, lane: PackLane, rec: RequestRecord) -> bytes:
         """decode → decide → validate args → authorize → decision event → handler → outcome → reply."""
         assert self._policy is not None
         req = self._decode(msg, rec)
@@ -284,11 +453,50 @@ class Broker:
             plugin.authorize(decision.grant, args)  # pure: raises Denied before anything is recorded
         # A continuation (e.g. data on a tunnel) belongs to a session whose opening request was
         # audited; the grant is still checked above on every one, so revocation ends it.
-        continuation = plugin.continuation is not None and bool(plugin.continuation(raw))
-        if not continuation and not await self._record_decision(rec):
+        if plugin.continuation is not None and plugin.continuation(raw):
+            return await self._continue_session(plugin, decision, args, lane, rec)
+        if plugin.side_effect_free:
+            return await self._read(plugin, decision, args, lane, rec)
+        session = plugin.opens_session is not None and bool(plugin.opens_session(raw))
+        if not await self._record_decision(rec, session=session):
             return error_reply(rec.request_id, "unavailable", "audit log unavailable; request refused")
-        context = self._context(rec, decision)
-        return await self._run_handler(plugin, context, args, rec)
+        context = self._context(rec, decision, lane)
+        data, exc = await self._run_handler(plugin, context, args, lane, rec)
+        reply, exc = self._reply(rec, data, exc)
+        if exc is not None or not session:
+            # The reply waits only for the decision; the outcome follows it into the stream.
+            self._outcome_later(rec, exc, context.audit)
+        return reply
+
+    async def _read(
+        self, plugin: HandlerPlugin, decision: Decision, args: Any, lane: PackLane, rec: RequestRecord
+    ) -> bytes:
+        """A side-effect-free request: run it, then one event holding decision and outcome.
+
+        The event is acknowledged before the reply releases any data: nothing leaves unrecorded.
+        """
+        assert self._audit is not None
+        context = self._context(rec, decision, lane)
+        data, exc = await self._run_handler(plugin, context, args, lane, rec)
+        reply, exc = self._reply(rec, data, exc)
+        try:
+            await self._audit.record(
+                self._outcome_fields(rec, exc, context.audit, "complete"), msg_id=rec.request_id
+            )
+        except errors.AuditError:
+            log.error("audit unavailable: withholding the result of %s %s", rec.pack_id, rec.capability)
+            return error_reply(rec.request_id, "unavailable", "audit log unavailable; request refused")
+        return reply
+
+    async def _continue_session(
+        self, plugin: HandlerPlugin, decision: Decision, args: Any, lane: PackLane, rec: RequestRecord
+    ) -> bytes:
+        context = self._context(rec, decision, lane)
+        data, exc = await self._run_handler(plugin, context, args, lane, rec)
+        reply, exc = self._reply(rec, data, exc)
+        if exc is not None:
+            self._outcome_later(rec, exc, context.audit)  # a failed continuation is on record
+        return reply
 
     def _decode(self, msg: Msg, rec: RequestRecord) -> Any:
         if len(msg.data) > self.cfg.limits.max_payload:
@@ -321,17 +529,18 @@ class Broker:
         except Exception:
             return ""
 
-    async def _record_decision(self, rec: RequestRecord) -> bool:
+    async def _record_decision(self, rec: RequestRecord, *, session: bool = False) -> bool:
         """Write-ahead: the allow decision is stored before anything happens. False if it could not be."""
         assert self._audit is not None
+        fields = rec.fields("allow", "ok", phase="decision", extra={"session": True} if session else None)
         try:
-            await self._audit.record(rec.fields("allow", "ok", phase="decision"), msg_id=rec.request_id)
+            await self._audit.record(fields, msg_id=rec.request_id)
         except errors.AuditError:
             log.error("audit unavailable: refusing %s %s", rec.pack_id, rec.capability)
             return False
         return True
 
-    def _context(self, rec: RequestRecord, decision: Decision) -> HandlerContext:
+    def _context(self, rec: RequestRecord, decision: Decision, lane: PackLane) -> HandlerContext:
         async def record_outcome(request_id: str, target: str, fields: dict[str, Any]) -> None:
             """Let a handler complete a session's audit later (tunnel closed, idle timeout)."""
             later = RequestRecord(request_id=request_id, pack_id=rec.pack_id, capability=rec.capability)
@@ -355,79 +564,116 @@ class Broker:
             workspace_root=self.ws.root,
             record_outcome=record_outcome,
             current_grant=current_grant,
+            run_blocking=functools.partial(anyio.to_thread.run_sync, limiter=lane.threads),
         )
 
     async def _run_handler(
-        self, plugin: HandlerPlugin, context: HandlerContext, args: Any, rec: RequestRecord
-    ) -> bytes:
+        self, plugin: HandlerPlugin, context: HandlerContext, args: Any, lane: PackLane, rec: RequestRecord
+    ) -> tuple[Any, errors.RequestError | None]:
+        """(data, None) on success, (None, the refusal or a safe error) otherwise."""
         try:
             with anyio.fail_after(self.cfg.broker.request_timeout):
-                result = await self._execute(plugin, context, args)
-            data = result.get("data") if isinstance(result, dict) else None
+                result = await self._execute(plugin, context, args, lane)
             if not isinstance(result, dict) or result.get("success") is not True:
                 raise errors.HandlerFailed("handler returned no success")
         except TimeoutError:
-            await self._outcome(rec, errors.Timeout("handler did not finish in time"), context.audit)
-            return error_reply(rec.request_id, "timeout", "handler did not finish in time")
+            return None, errors.Timeout("handler did not finish in time")
         except errors.RequestError as exc:
-            await self._outcome(rec, exc, context.audit)
-            return error_reply(rec.request_id, exc.code, exc.message)
+            return None, exc
         except Exception as exc:
             log.warning("handler %s failed: %s", rec.capability, type(exc).__name__)
-            safe = errors.HandlerFailed("handler failed")
-            await self._outcome(rec, safe, context.audit)
-            return error_reply(rec.request_id, safe.code, safe.message)
-        if context.audit:
-            await self._outcome(rec, None, context.audit)
-        payload = ok_reply(rec.request_id, data)
-        if len(payload) > self._max_reply:
+            return None, errors.HandlerFailed("handler failed")
+        return result.get("data"), None
+
+    def _reply(
+        self, rec: RequestRecord, data: Any, exc: errors.RequestError | None
+    ) -> tuple[bytes, errors.RequestError | None]:
+        """The reply bytes, and the error it carries (an oversized result becomes `too_large`)."""
+        if exc is None:
+            payload = ok_reply(rec.request_id, data)
+            if len(payload) <= self._max_reply:
+                return payload, None
             # The server would drop an oversized reply and the Pack would only see a timeout.
-            return error_reply(
-                rec.request_id, "too_large", "the result is larger than the NATS payload limit"
-            )
-        return payload
+            exc = errors.TooLarge("the result is larger than the NATS payload limit")
+        return error_reply(rec.request_id, exc.code, exc.message), exc
 
     def _policy_decide(self, pack_id: str, component_id: str, capability: str) -> Decision:
         assert self._policy is not None
         return self._policy.decide(pack_id, component_id, capability)
 
-    async def _execute(self, plugin: HandlerPlugin, context: HandlerContext, args: Any) -> Any:
+    async def _execute(
+        self, plugin: HandlerPlugin, context: HandlerContext, args: Any, lane: PackLane
+    ) -> Any:
         if plugin.is_async:
             return await plugin.execute(context, args)
-        # Blocking handlers (file I/O, Docker) run off the event loop.
-        return await anyio.to_thread.run_sync(plugin.execute, context, args, abandon_on_cancel=True)
+        # Blocking handlers (file I/O, Docker) run off the event loop, in the Pack's own threads.
+        return await anyio.to_thread.run_sync(
+            plugin.execute, context, args, abandon_on_cancel=True, limiter=lane.threads
+        )
+
+    @staticmethod
+    def _outcome_fields(
+        rec: RequestRecord, exc: errors.RequestError | None, extra: dict[str, Any], phase: str
+    ) -> dict[str, Any]:
+        # A handler that refuses (path outside the grant, key not granted) denied the request.
+        decision = "allow" if exc is None else "deny" if exc.code == "permission_denied" else "error"
+        return rec.fields(
+            decision,
+            exc.code if exc else "ok",
+            phase=phase,
+            message=exc.message if exc else None,
+            extra=dict(extra) or None,
+        )
 
     async def _outcome(
         self, rec: RequestRecord, exc: errors.RequestError | None, extra: dict[str, Any]
     ) -> None:
         assert self._audit is not None
-        # A handler that refuses (path outside the grant, key not granted) denied the request.
-        decision = "allow" if exc is None else "deny" if exc.code == "permission_denied" else "error"
-        fields = rec.fields(
-            decision,
-            exc.code if exc else "ok",
-            phase="outcome",
-            message=exc.message if exc else None,
-            extra=dict(extra) or None,
-        )
+        fields = self._outcome_fields(rec, exc, extra, "outcome")
         try:
             await self._audit.record(fields, msg_id=f"{rec.request_id}.outcome")
         except errors.AuditError:
             log.error("could not store the outcome event of request %s", rec.request_id)
 
-    async def _refuse(self, rec: RequestRecord, exc: errors.RequestError) -> bytes:
+    def _outcome_later(
+        self, rec: RequestRecord, exc: errors.RequestError | None, extra: dict[str, Any]
+    ) -> None:
+        """Write the outcome event without holding the reply; drained before the broker stops."""
+        if self._background is None:  # not serving (a direct call): nowhere to run it later
+            return
+        self._pending_outcomes += 1
+
+        async def write() -> None:
+            try:
+                await self._outcome(rec, exc, dict(extra))
+            finally:
+                self._pending_outcomes -= 1
+
+        self._background.start_soon(write)
+
+    async def _refuse(self, lane: PackLane, rec: RequestRecord, exc: errors.RequestError) -> bytes:
+        """One `deny` event for a refused request, or, past the Pack's refusals per second, its aggregate."""
         assert self._audit is not None
+        lane.refused += 1
+        fields = rec.fields("deny", exc.code, phase="decision", message=exc.message)
+        if not self.lanes.record_individually(lane):
+            await self._aggregator.add(fields, key=lane.account)
+            return error_reply(rec.reply_id, exc.code, exc.message)
         try:
-            await self._audit.record(
-                rec.fields("deny", exc.code, phase="decision", message=exc.message), msg_id=rec.request_id
-            )
+            await self._audit.record(fields, msg_id=rec.request_id)
         except errors.AuditError:
             log.error("audit unavailable while refusing request %s", rec.request_id)
         return error_reply(rec.reply_id, exc.code, exc.message)
 
 
-async def run_broker(ws: Workspace, *, embedded: bool | None = None, port: int | None = None) -> None:
-    """`rumi broker`: start the embedded nats-server when no URL is configured, serve until SIGTERM."""
+async def run_broker(
+    ws: Workspace, *, embedded: bool | None = None, port: int | None = None, workers: int = 1
+) -> None:
+    """`rumi broker`: start the embedded nats-server when no URL is configured, serve until SIGTERM.
+
+    With `workers` > 1, N broker processes serve, each with its own audit chain and its own share of
+    the Packs (`pack_worker`); this process supervises them (a worker that dies is started again).
+    """
     from broker.bus.server import EmbeddedServer, ensure_audit_stream
 
     cfg = ws.load_config()
@@ -438,6 +684,9 @@ async def run_broker(ws: Workspace, *, embedded: bool | None = None, port: int |
         log.info("embedded nats-server on %s", server.url)
     try:
         await ensure_audit_stream(ws)
+        if workers > 1:
+            await _supervise_workers(ws, workers)
+            return
         broker = Broker(ws, cfg)
         async with anyio.create_task_group() as tg:
             await tg.start(broker.serve)
@@ -450,3 +699,65 @@ async def run_broker(ws: Workspace, *, embedded: bool | None = None, port: int |
     finally:
         if server is not None:
             server.stop()
+
+
+async def serve_worker(ws: Workspace, worker: int, workers: int) -> None:
+    """One worker process of `run_broker(workers=N)`: serve this worker's Packs until SIGTERM."""
+    broker = Broker(ws, worker=worker, workers=workers)
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.serve)
+        print(f"worker {worker}/{workers}: serving (chain {broker.chain_id})", flush=True)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                broker.stop()
+                break
+
+
+WORKER_RESTART_DELAY = 1.0
+
+
+async def _supervise_workers(ws: Workspace, workers: int) -> None:
+    """Start `workers` worker processes, restart one that exits, stop them all on SIGTERM/SIGINT."""
+    import subprocess
+    import sys
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "broker.service.worker", str(ws.root), str(i), str(workers)]
+        return subprocess.Popen(argv)  # its output goes where ours goes
+
+    procs = [start(i) for i in range(workers)]
+    stopping = anyio.Event()
+
+    async def watch() -> None:
+        ready = False
+        while not stopping.is_set():
+            await anyio.sleep(0.2)
+            for i, proc in enumerate(procs):
+                if proc.poll() is not None and not stopping.is_set():
+                    log.error("broker worker %d exited with %s; starting it again", i, proc.returncode)
+                    await anyio.sleep(WORKER_RESTART_DELAY)
+                    procs[i] = start(i)
+            if not ready:
+                ready = True
+                print(f"rumi broker: serving with {workers} workers; Ctrl-C or SIGTERM stops", flush=True)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    print("rumi broker: draining in-flight requests…", flush=True)
+                    break
+            stopping.set()
+            tg.cancel_scope.cancel()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = anyio.current_time() + 40
+        with anyio.CancelScope(shield=True):
+            for proc in procs:
+                while proc.poll() is None and anyio.current_time() < deadline:
+                    await anyio.sleep(0.05)
+                if proc.poll() is None:
+                    proc.kill()

@@ -134,6 +134,10 @@ def _continuation(args: dict[str, Any]) -> bool:
     return args.get("op") in CONTINUATIONS
 
 
+def _opens_session(args: dict[str, Any]) -> bool:
+    return args.get("op") == "open"
+
+
 META: dict[str, Any] = {
     "requires_scope": True,
     "supports_modes": ["sandbox"],
@@ -144,6 +148,8 @@ META: dict[str, Any] = {
     "args_schema": NetworkArgs,
     "target": _target,
     "continuation": _continuation,
+    # `open` starts a tunnel: its outcome event is written when the tunnel closes.
+    "opens_session": _opens_session,
 }
 
 
@@ -184,6 +190,25 @@ def _check_fields(args: NetworkArgs) -> _Call:
     if missing:
         raise InvalidRequest(f"op {args.op!r} needs `{missing[0]}`")
     return call
+
+
+def authorize(grant: Mapping[str, Any], args: NetworkArgs) -> None:
+    """Refuse on the arguments alone: each op's own keys; for fetch and open, host and port in the grant.
+
+    Names are not resolved here (no I/O): the addresses a name resolves to are checked when the
+    request is made, and such a late refusal is the request's outcome event.
+    """
+    call = _check_fields(args)
+    if call.op not in ("fetch", "open"):
+        return  # a continuation: its tunnel's grant is checked on every op in execute
+    try:
+        policy = _policy(tuple(grant.get("allowed_domains") or ()), tuple(grant.get("allowed_ports") or ()))
+    except (ValueError, TypeError):
+        raise HandlerFailed("the network grant is invalid; ask the admin to fix it") from None
+    if call.op == "fetch":
+        policy.check_destination(_egress.parse_destination(call.url or ""))
+    else:
+        policy.check_destination(_tunnel.tunnel_destination(call.host, call.port))
 
 
 async def shutdown() -> None:

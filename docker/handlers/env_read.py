@@ -8,6 +8,7 @@ set there wins) or else from the broker's environment. Only keys listed exactly 
 # No `from __future__ import annotations`: msgspec must see real types even when the
 # broker loads this file without registering it in sys.modules.
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ META: dict[str, Any] = {
     "grant_schema": EnvReadGrant,
     "args_schema": EnvReadArgs,
     "target": "key",
+    # A read: one audit event after it ran, stored before the value is released.
+    "side_effect_free": True,
 }
 
 
@@ -71,8 +74,19 @@ def _from_secrets_file(workspace_root: Path, key: str) -> str | None:
     return found
 
 
-def execute(ctx: HandlerContext, args: EnvReadArgs) -> dict[str, Any]:
-    """Return the value of `args.key` if the grant lists it exactly."""
+def authorize(grant: Mapping[str, Any], args: EnvReadArgs) -> None:
+    """Only keys the grant lists exactly."""
+    allowed = grant.get("allowed_keys") or []
+    if not args.key or not isinstance(allowed, list) or args.key not in allowed:
+        raise Denied("key is not granted")
+
+
+async def execute(ctx: HandlerContext, args: EnvReadArgs) -> dict[str, Any]:
+    """Return the value of `args.key` if the grant lists it exactly.
+
+    Async on purpose: the work is one small file read, cheaper in the event loop than a hop to a
+    thread (and no thread to hold the GIL while the loop waits for it).
+    """
     key = args.key
     allowed = ctx.grant.get("allowed_keys") or []
     if not key or not isinstance(allowed, list) or key not in allowed:

@@ -6,11 +6,12 @@ The new content goes to a temp file beside the target, is fsynced and renamed ov
 
 # No `from __future__ import annotations`: msgspec must see real types even when the
 # broker loads this file without registering it in sys.modules.
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import msgspec
 
-from broker.handler_api import HandlerContext, write_beneath
+from broker.handler_api import HandlerContext, TooLarge, check_beneath_grant, write_beneath
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
@@ -37,6 +38,14 @@ META: dict[str, Any] = {
     "args_schema": FileWriteArgs,
     "target": "path",
 }
+
+
+def authorize(grant: Mapping[str, Any], args: FileWriteArgs) -> None:
+    """Refuse before anything is recorded as allowed: size within the grant, a file name beneath a granted directory."""
+    max_bytes = int(grant.get("max_bytes", DEFAULT_MAX_BYTES))
+    if len(args.data) > max_bytes:
+        raise TooLarge(f"data is larger than {max_bytes} bytes")
+    check_beneath_grant(args.path, grant.get("directories") or [], for_write=True)
 
 
 def execute(ctx: HandlerContext, args: FileWriteArgs) -> dict[str, Any]:

@@ -190,6 +190,21 @@ def fit_reply(stdout: bytes, stderr: bytes, max_reply_bytes: int | None) -> tupl
     return stdout[:out_keep], stderr[:err_keep], True
 
 
+def _granted_directories(grant: Mapping[str, Any]) -> list[str]:
+    raw_dirs = grant.get("directories")
+    if not isinstance(raw_dirs, list) or not raw_dirs or not all(isinstance(d, str) for d in raw_dirs):
+        raise Denied("no directories are granted to terminal")
+    return ["/" + "/".join(c for c in d.split("/") if c) for d in raw_dirs]
+
+
+def authorize(grant: Mapping[str, Any], args: TerminalArgs) -> None:
+    """Refuse on the arguments alone: argv well formed, no shell unless granted, cwd in a grant."""
+    _check_argv(list(args.argv))
+    if grant.get("shell") is not True:
+        refuse_shell(list(args.argv))
+    _cwd(args.cwd, _granted_directories(grant))
+
+
 def execute(ctx: HandlerContext, args: TerminalArgs) -> dict[str, Any]:
     """Run argv in a new sandbox container; return its exit code and (capped) output."""
     grant = ctx.grant
@@ -198,10 +213,7 @@ def execute(ctx: HandlerContext, args: TerminalArgs) -> dict[str, Any]:
     if grant.get("shell") is not True:
         refuse_shell(argv)
     scope = _scope(grant)
-    raw_dirs = grant.get("directories")
-    if not isinstance(raw_dirs, list) or not raw_dirs or not all(isinstance(d, str) for d in raw_dirs):
-        raise Denied("no directories are granted to terminal")
-    directories = ["/" + "/".join(c for c in d.split("/") if c) for d in raw_dirs]
+    directories = _granted_directories(grant)
     cwd = _cwd(args.cwd, directories)
     limits = _sandbox.SandboxLimits(
         timeout=_timeout(args.timeout, scope, ctx.limits.timeout),

@@ -27,3 +27,4 @@ lint:
 # Benchmarks (results go to BENCHMARKS.md by hand, with the command)
 bench:
     .venv/bin/python bench/roundtrip.py
+    .venv/bin/python bench/pipeline.py

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import re
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +19,17 @@ from anyio.abc import TaskStatus
 
 from ._context import Context
 from ._errors import BrokerError
-from ._wire import CALL_DECODER, PROTOCOL_VERSION, error_reply, ok_reply
+from ._wire import (
+    CALL_DECODER,
+    ENCODER,
+    HEARTBEAT_INTERVAL,
+    PROTOCOL_VERSION,
+    PackStatus,
+    StatusState,
+    error_reply,
+    ok_reply,
+    status_subject,
+)
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -34,7 +46,10 @@ class Pack:
     """A Pack's tools and its connection to the broker.
 
     Identity and connection come from the environment (``RUMI_PACK_ID``, ``RUMI_NATS_URL``,
-    ``RUMI_NATS_CREDS``); arguments override them, for tests.
+    ``RUMI_NATS_CREDS``, ``RUMI_HEARTBEAT_INTERVAL``); arguments override them, for tests.
+
+    While serving, it publishes a `PackStatus` on ``rumi.pack.<id>.status``: ``ready`` once it takes
+    calls, ``alive`` every `heartbeat_interval` seconds, ``stopping`` when it stops.
     """
 
     def __init__(
@@ -44,13 +59,16 @@ class Pack:
         nats_url: str | None = None,
         creds: str | None = None,
         request_timeout: float = 30.0,
+        heartbeat_interval: float | None = None,
     ) -> None:
         self.pack_id = pack_id or os.environ.get("RUMI_PACK_ID", "")
         self.nats_url = nats_url or os.environ.get("RUMI_NATS_URL", "")
         self.creds = creds or os.environ.get("RUMI_NATS_CREDS", "")
         self.request_timeout = request_timeout
+        self.heartbeat_interval = _heartbeat_interval(heartbeat_interval)
         self._tools: dict[tuple[str, str], Tool] = {}
         self._nc: Client | None = None
+        self._status_seq = 0
         self.ready = anyio.Event()
 
     def tool(self, name: str, *, type: str = "tool") -> Callable[[Tool], Tool]:
@@ -113,6 +131,10 @@ class Pack:
                     await tg.start(serve_proxy, self.context(), proxy_listen)
                 if ready_file:
                     Path(ready_file).write_text("ready\n")
+                # The call subscription is in place (the server handles this connection in order):
+                # whoever hears "ready" may call at once.
+                await self._publish_status(nc, "ready", flush=True)
+                tg.start_soon(self._heartbeat, nc, ready_file)
                 self.ready.set()
                 task_status.started()
                 try:
@@ -120,11 +142,41 @@ class Pack:
                         tg.start_soon(self._serve_call, nc, msg)
                 finally:
                     with anyio.move_on_after(2, shield=True):
+                        await self._publish_status(nc, "stopping", flush=True)
                         await sub.unsubscribe()
         finally:
             with anyio.move_on_after(5, shield=True):
                 await nc.drain()
             self._nc = None
+
+    async def _heartbeat(self, nc: Client, ready_file: str | None) -> None:
+        """Every `heartbeat_interval` s: "alive" on the status subject, and a fresh ready file's mtime."""
+        while True:
+            await anyio.sleep(self.heartbeat_interval)
+            await self._publish_status(nc, "alive")
+            if ready_file:
+                # The container's healthcheck looks at this file's age: a stuck event loop turns it stale.
+                try:
+                    os.utime(ready_file)
+                except OSError:
+                    log.warning("cannot touch the ready file %s", ready_file)
+
+    async def _publish_status(self, nc: Client, state: StatusState, *, flush: bool = False) -> None:
+        status = PackStatus(
+            v=PROTOCOL_VERSION,
+            pack_id=self.pack_id,
+            state=state,
+            ts=time.time(),
+            seq=self._status_seq,
+            interval=self.heartbeat_interval,
+        )
+        self._status_seq += 1
+        try:
+            await nc.publish(status_subject(self.pack_id), ENCODER.encode(status))
+            if flush:
+                await nc.flush(timeout=2)
+        except Exception as exc:  # disconnected or closed: the next heartbeat tries again
+            log.warning("could not publish status %s: %s", state, exc)
 
     async def _serve_call(self, nc: Client, msg: Msg) -> None:
         parts = msg.subject.split(".")
@@ -174,6 +226,18 @@ class Pack:
             anyio.run(main)
         except BrokerError as exc:
             raise SystemExit(f"rumi pack: {exc}") from None
+
+
+def _heartbeat_interval(value: float | None) -> float:
+    """The argument, else RUMI_HEARTBEAT_INTERVAL, else the default; kept within 0.1 s .. 1 h."""
+    if value is None:
+        try:
+            value = float(os.environ.get("RUMI_HEARTBEAT_INTERVAL") or HEARTBEAT_INTERVAL)
+        except ValueError:
+            value = HEARTBEAT_INTERVAL
+    if not math.isfinite(value):
+        return HEARTBEAT_INTERVAL
+    return min(max(value, 0.1), 3600.0)
 
 
 async def _log_error(exc: Exception) -> None:

@@ -6,11 +6,15 @@ it is the subject's last token, which the NATS server (not the Pack) places in t
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 PROTOCOL_VERSION = 1
+# Seconds between a Pack's heartbeats (`PackStatus` "alive"); readers call a Pack unavailable after
+# STALE_AFTER_INTERVALS of them without one.
+HEARTBEAT_INTERVAL = 5.0
+STALE_AFTER_INTERVALS = 3
 
 RequestId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 ComponentId = Annotated[str, msgspec.Meta(max_length=200)]
@@ -50,9 +54,29 @@ class Reply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     error: ErrorInfo | None = None
 
 
+StatusState = Literal["ready", "alive", "stopping"]
+
+
+class PackStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A Pack says how it is, on rumi.pack.<id>.status: "ready" once, then "alive" every `interval` s.
+
+    Only its own account may publish that subject, so the subject names the Pack: readers take the
+    Pack's identity from it, never from `pack_id` (a message whose `pack_id` differs is dropped).
+    `ts` is the sender's clock (for logs only); readers time heartbeats by their own clock.
+    """
+
+    v: int
+    pack_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    state: StatusState
+    ts: float
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = HEARTBEAT_INTERVAL
+
+
 REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
 CALL_DECODER = msgspec.msgpack.Decoder(CallRequest)
 REPLY_DECODER = msgspec.msgpack.Decoder(Reply)
+STATUS_DECODER = msgspec.msgpack.Decoder(PackStatus)
 ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -76,3 +100,8 @@ def request_subject(pack_id: str, capability: str) -> str:
 def call_subject(pack_id: str, type_: str, name: str) -> str:
     """Subject of a tool call into a Pack."""
     return f"rumi.pack.{pack_id}.call.{type_}.{name}"
+
+
+def status_subject(pack_id: str) -> str:
+    """Subject a Pack publishes its `PackStatus` on (ready, heartbeats, stopping)."""
+    return f"rumi.pack.{pack_id}.status"

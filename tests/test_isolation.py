@@ -390,7 +390,13 @@ def test_pack_container_passes_docker_bench_runtime_checks(deployment: Deploymen
     assert not any("unconfined" in opt for opt in hc["SecurityOpt"])  # 5.21 (seccomp default)
     assert not hc.get("CgroupParent")  # 5.24
     assert "no-new-privileges:true" in hc["SecurityOpt"]  # 5.25
-    assert cfg["Healthcheck"]["Test"][0] == "CMD" and a["State"]["Health"]["Status"] == "healthy"  # 5.26
+    # 5.26: a healthcheck, exec form, rare (the Pack's status heartbeats are the readiness signal); Docker
+    # shows "starting" until its first probe, one interval after the start, and that probe will pass:
+    check = cfg["Healthcheck"]
+    assert check["Test"][0] == "CMD" and check["Interval"] >= 60 * 10**9
+    assert a["State"]["Health"]["Status"] in ("starting", "healthy")
+    probe = c.exec_run(check["Test"][1:])
+    assert probe.exit_code == 0, probe.output
     assert hc["PidsLimit"] and hc["PidsLimit"] > 0  # 5.28
     assert hc["UsernsMode"] == ""  # 5.30: not the host's user namespace
     uid, _, gid = cfg["User"].partition(":")
@@ -484,7 +490,11 @@ def test_pack_reaches_nats_and_nothing_else(deployment: Deployment, pytestconfig
     assert trap.accepted == [], f"the host listener saw {trap.accepted}"
     assert len(result) == len(targets) - 1
     _say(pytestconfig, "\nfrom inside the Pack: " + ", ".join(f"{k} {v}" for k, v in sorted(result.items())))
-    assert d.containers["default"].attrs["State"]["Health"]["Status"] == "healthy"
+    # The probes did not disturb the Pack: its heartbeat is fresh and Docker's check command passes.
+    pack_row = next(c for c in d.rt.status().containers if c.pack_id == "default")
+    assert pack_row.live, pack_row
+    check = d.containers["default"].attrs["Config"]["Healthcheck"]["Test"]
+    assert d.containers["default"].exec_run(check[1:]).exit_code == 0
 
 
 def test_pack_default_route_leads_nowhere(deployment: Deployment) -> None:
@@ -631,7 +641,7 @@ def test_cold_start_is_reported(deployment: Deployment, pytestconfig: pytest.Con
     assert all(0 < t < 60 for t in d.cold_start.values())
     _say(
         pytestconfig,
-        "\ncold start (create -> healthy): "
+        "\ncold start (create -> ready): "
         + ", ".join(f"{p} {t:.1f} s" for p, t in sorted(d.cold_start.items()))
         + "; idle memory: "
         + ", ".join(f"{n} {m / 2**20:.1f} MiB" for n, m in sorted(memory.items())),

@@ -93,4 +93,6 @@ async def test_broker_and_pack_through_the_rumi_nats_container(ws: Workspace, na
         events = [e async for e in read_events(nc, follow=False, pack="default", decision=None)]
     finally:
         await nc.close()
-    assert [e["capability"] for e in events if e.get("phase") == "decision"] == ["file_write", "file_read"]
+    # An action's first event is its decision; a read has one event, `complete` (docs/protocol.md).
+    firsts = [e["capability"] for e in events if e.get("phase") in ("decision", "complete")]
+    assert firsts == ["file_write", "file_read"]

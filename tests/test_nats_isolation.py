@@ -677,3 +677,138 @@ def test_raw_nats_py_with_pack_seed(ws: Workspace, server: EmbeddedServer) -> No
         await nc.close()
 
     run(body())
+
+
+# ------------------------------------------------------------------------------------ Pack status
+
+
+def _status(pack_id: str, state: str = "alive", seq: int = 1) -> bytes:
+    from broker.core.protocol import ENCODER, PackStatus
+
+    return ENCODER.encode(PackStatus(v=1, pack_id=pack_id, state=state, ts=0.0, seq=seq))  # type: ignore[arg-type]
+
+
+def test_status_config_exports_only_the_packs_own_subject(ws: Workspace) -> None:
+    text = render_config(ws, RumiConfig(), PACKS)
+    # Each Pack account exports its own status subject as a stream, to RUMI alone; RUMI imports it
+    # from that account alone; the Pack may publish that one subject and nothing of another Pack's.
+    for pack_id in PACKS:
+        assert f'{{stream: "rumi.pack.{pack_id}.status", accounts: ["RUMI"]}}' in text
+        assert f'{{stream: {{account: "PACK_{pack_id}", subject: "rumi.pack.{pack_id}.status"}}}}' in text
+    assert text.count('stream: "rumi.pack.') == len(PACKS)
+    assert '"rumi.pack.*.status"' in text and '"rumi.pack.>' not in text
+
+
+def test_pack_status_reaches_broker_cli_and_admin_only(ws: Workspace, server: EmbeddedServer) -> None:
+    async def body() -> None:
+        listeners = {}
+        for role in ("broker", "cli", "admin"):
+            nc = await connect(ws, role)
+            seen = Collector()
+            await nc.subscribe("rumi.pack.*.status", cb=seen.cb)
+            await nc.flush()
+            listeners[role] = (nc, seen)
+        errors = {name: Errors() for name in ("audit", "pack-alpha", "pack-beta")}
+        spies = {}
+        for name, errs in errors.items():
+            nc = await connect(ws, name, error_cb=errs.cb)
+            spy = Collector()
+            subject = "rumi.pack.*.status" if name == "audit" else f"rumi.pack.{name.removeprefix('pack-')}.status"
+            await nc.subscribe(subject, cb=spy.cb)
+            await errs.wait_for(f'subscription to "{subject}"')
+            await nc.subscribe("rumi.pack.alpha.status", cb=spy.cb)
+            spies[name] = (nc, spy)
+        alpha = spies["pack-alpha"][0]
+        await alpha.publish("rumi.pack.alpha.status", _status("alpha"))
+        await alpha.flush()
+        for role, (_, seen) in listeners.items():
+            await eventually(lambda seen=seen: len(seen.msgs) == 1)
+            subject, _, _, data = seen.msgs[0]
+            assert (subject, data) == ("rumi.pack.alpha.status", _status("alpha")), role
+        await settle(*(nc.flush for nc, _ in spies.values()))
+        # Neither the audit reader nor any Pack (not even alpha, about itself) hears a status.
+        assert {name: spy.msgs for name, (_, spy) in spies.items()} == {n: [] for n in spies}
+        for nc, _ in [*listeners.values(), *spies.values()]:
+            await nc.close()
+
+    run(body())
+
+
+def test_pack_cannot_publish_another_packs_status(ws: Workspace, server: EmbeddedServer) -> None:
+    from broker.core.protocol import decode_status
+
+    async def body() -> None:
+        cli = await connect(ws, "cli")
+        seen = Collector()
+        await cli.subscribe("rumi.pack.*.status", cb=seen.cb)
+        await cli.flush()
+        errors = Errors()
+        alpha = await connect(ws, "pack-alpha", error_cb=errors.cb)
+        for subject in ("rumi.pack.beta.status", "rumi.pack.*.status", "rumi.pack.alpha.status.x",
+                        "rumi.pack.alpha.req.status"):
+            await alpha.publish(subject, _status("beta"))
+            if subject != "rumi.pack.alpha.req.status":  # that one is alpha's own request space
+                await errors.wait_for(f'publish to "{subject}"')
+        # Raw protocol too: with headers and a reply subject, the server still refuses it.
+        raw = RawClient(server.port, pack_identity(ws, "alpha"))
+        try:
+            with pytest.raises(AssertionError, match=r'Permissions Violation for Publish to "rumi\.pack\.beta\.status"'):
+                raw.hpub("rumi.pack.beta.status", "_INBOX.x", b"NATS/1.0\r\nX: y\r\n\r\n", _status("beta"))
+        finally:
+            raw.close()
+        # Alpha may say anything on its own subject; a payload naming beta is still alpha's, and dropped.
+        await alpha.publish("rumi.pack.alpha.status", _status("beta", seq=7))
+        await alpha.publish("rumi.pack.alpha.status", _status("alpha", seq=8))
+        await alpha.flush()
+        await eventually(lambda: len(seen.msgs) == 2)
+        await settle(cli.flush, alpha.flush)
+        assert seen.subjects() == ["rumi.pack.alpha.status", "rumi.pack.alpha.status"]
+        heard = [decode_status(subject, data, 0.0) for subject, _, _, data in seen.msgs]
+        assert heard[0] is None  # names another Pack: not a status of anyone
+        assert heard[1] is not None and (heard[1].pack_id, heard[1].seq) == ("alpha", 8)
+        assert alpha.is_connected
+        await alpha.close()
+        await cli.close()
+
+    run(body())
+
+
+def test_status_stream_keeps_the_last_status_for_cli_only(ws: Workspace, server: EmbeddedServer) -> None:
+    from broker.bus.server import ensure_status_stream, last_statuses
+
+    async def body() -> None:
+        await ensure_audit_stream(ws)
+        await ensure_status_stream(ws)
+        await ensure_status_stream(ws)  # idempotent
+        alpha = await connect(ws, "pack-alpha")
+        for seq in range(3):
+            await alpha.publish("rumi.pack.alpha.status", _status("alpha", seq=seq))
+        await alpha.publish("rumi.pack.alpha.status", b"x" * 2000)  # over the stream's message size
+        await alpha.flush()
+        cli = await connect(ws, "cli")
+        heard: dict[str, Any] = {}
+        for _ in range(50):
+            heard = await last_statuses(cli, ["alpha", "beta"])
+            if heard.get("alpha") is not None and heard["alpha"].seq == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert set(heard) == {"alpha"} and heard["alpha"].seq == 2 and heard["alpha"].state == "alive"
+        admin = await connect(ws, "admin")
+        info = await js_api(admin, "$JS.API.STREAM.INFO.RUMI_STATUS")
+        assert info is not None and info["state"]["messages"] == 1  # one per Pack: the last
+        assert info["config"]["storage"] == "memory" and info["config"]["max_msgs_per_subject"] == 1
+        # The cli reads this stream only: not the audit stream, and it changes nothing.
+        errors = Errors()
+        cli2 = await connect(ws, "cli", error_cb=errors.cb)
+        for subject in ("$JS.API.STREAM.MSG.GET.RUMI_AUDIT", "$JS.API.STREAM.PURGE.RUMI_STATUS",
+                        "$JS.API.STREAM.DELETE.RUMI_STATUS", "$JS.API.STREAM.INFO.RUMI_STATUS"):
+            assert await js_api(cli2, subject, b"{}") is None
+            await errors.wait_for(f'publish to "{subject}"')
+        audit_errors = Errors()
+        audit = await connect(ws, "audit", error_cb=audit_errors.cb)
+        assert await js_api(audit, "$JS.API.STREAM.MSG.GET.RUMI_STATUS", b'{"seq":1}') is None
+        assert await last_statuses(audit, ["alpha"], timeout=0.5) == {}
+        for nc in (alpha, cli, cli2, admin, audit):
+            await nc.close()
+
+    run(body())

@@ -3,12 +3,14 @@
 Shape (docs/architecture.md, docs/protocol.md):
 
 * `RUMI`: the trusted account, JetStream on.  Users `broker`, `admin`, `cli`, `audit`.  For each Pack
-  it exports the service `rumi.pack.<id>.req.>` to that Pack's account alone and imports the service
-  `rumi.pack.<id>.call.>` from it.
+  it exports the service `rumi.pack.<id>.req.>` to that Pack's account alone, imports the service
+  `rumi.pack.<id>.call.>` from it, and imports the stream `rumi.pack.<id>.status` from it.
 * `PACK_<id>`: one account per Pack with one user.  Because the Pack reaches RUMI only through a
   service import, the server (not the Pack) puts `<id>` in the subject, rewrites the reply subject to
   `_R_...` and stamps `Nats-Request-Info` with the account: neither identity nor reply address can
-  be forged, and nothing the Pack does is visible in any other account.
+  be forged, and nothing the Pack does is visible in any other account.  Its status (ready,
+  heartbeats) reaches RUMI only as the stream export `rumi.pack.<id>.status` of its own account, so a
+  status on that subject in RUMI always comes from that Pack.
 * `SYS`: the system account, with no users.
 
 Every permission is an allow-list.  All user-controlled text that reaches the config (pack ids,
@@ -27,7 +29,7 @@ from broker.bus.creds import ROLES, Identity, ensure_identity, pack_identity
 from broker.core.atomic import write_atomic
 from broker.core.errors import NatsSetupError
 from broker.core.ids import is_pack_id
-from broker.core.protocol import AUDIT_STREAM
+from broker.core.protocol import AUDIT_STREAM, STATUS_STREAM, STATUS_WILDCARD, status_subject
 from broker.core.workspace import RumiConfig, Workspace
 
 RUMI_ACCOUNT = "RUMI"
@@ -172,21 +174,22 @@ def _rumi_account(roles: dict[str, Identity], packs: list[str]) -> list[str]:
     broker = _user(
         roles["broker"],
         publish=["rumi.audit.>", f"{js}.STREAM.INFO.{stream}"],
-        subscribe=["rumi.pack.*.req.>", inbox("broker")],
+        subscribe=["rumi.pack.*.req.>", STATUS_WILDCARD, inbox("broker")],
         allow_responses=True,
         comment="broker: answers Pack requests, appends audit events; cannot change or delete the stream",
     )
     admin = _user(
         roles["admin"],
         publish=[f"{js}.>"],
-        subscribe=[inbox("admin")],
-        comment="admin: JetStream administration (creates RUMI_AUDIT); used only by setup code",
+        subscribe=[STATUS_WILDCARD, inbox("admin")],
+        comment="admin: JetStream administration (creates RUMI_AUDIT, RUMI_STATUS); used only by setup code",
     )
     cli = _user(
         roles["cli"],
-        publish=["rumi.pack.*.call.>"],
-        subscribe=[inbox("cli")],
-        comment="cli: `rumi call` invokes Pack tools",
+        # The last status of each Pack, one message at a time (`rumi ps`, `rumi call`).
+        publish=["rumi.pack.*.call.>", f"{js}.STREAM.MSG.GET.{STATUS_STREAM}"],
+        subscribe=[STATUS_WILDCARD, inbox("cli")],
+        comment="cli: `rumi call` invokes Pack tools; `rumi up`, `ps`, `doctor` read Pack status",
     )
     audit = _user(
         roles["audit"],
@@ -212,6 +215,11 @@ def _rumi_account(roles: dict[str, Identity], packs: list[str]) -> list[str]:
     ]
     imports = [
         f"      {{service: {{account: {_q(pack_account(p))}, subject: {_q(f'rumi.pack.{p}.call.>')}}}}}"
+        for p in packs
+    ]
+    # Each Pack's status, from that Pack's account only: the subject names the Pack.
+    imports += [
+        f"      {{stream: {{account: {_q(pack_account(p))}, subject: {_q(status_subject(p))}}}}}"
         for p in packs
     ]
     return [
@@ -247,17 +255,18 @@ def _pack_account(pack_id: str, user: Identity, cfg: RumiConfig) -> list[str]:
         "    users: [",
         *_user(
             user,
-            publish=[f"rumi.pack.{pack_id}.req.>"],
+            publish=[f"rumi.pack.{pack_id}.req.>", status_subject(pack_id)],
             subscribe=[f"rumi.pack.{pack_id}.call.>", "_INBOX.>"],
             allow_responses=True,
-            comment=f"Pack {pack_id}: its own requests, and answers to calls it received",
+            comment=f"Pack {pack_id}: its own requests and status, and answers to calls it received",
         ),
         "    ]",
         "    imports: [",
         f"      {{service: {{account: {_q(RUMI_ACCOUNT)}, subject: {_q(f'rumi.pack.{pack_id}.req.>')}}}}}",
         "    ]",
         "    exports: [",
-        f"      {{service: {_q(f'rumi.pack.{pack_id}.call.>')}, accounts: [{_q(RUMI_ACCOUNT)}]}}",
+        f"      {{service: {_q(f'rumi.pack.{pack_id}.call.>')}, accounts: [{_q(RUMI_ACCOUNT)}]}},",
+        f"      {{stream: {_q(status_subject(pack_id))}, accounts: [{_q(RUMI_ACCOUNT)}]}}",
         "    ]",
         "  }",
     ]

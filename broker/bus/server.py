@@ -7,6 +7,7 @@ Runtime files under docker/.rumi/: `nats.pid` (pid of the embedded server), `nat
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -16,7 +17,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,7 +29,15 @@ from broker.bus.config import config_path, inbox_prefix, write_config
 from broker.bus.creds import ensure_identity
 from broker.core.atomic import write_atomic
 from broker.core.errors import NatsSetupError
-from broker.core.protocol import AUDIT_STREAM, AUDIT_SUBJECTS
+from broker.core.protocol import (
+    AUDIT_STREAM,
+    AUDIT_SUBJECTS,
+    STATUS_STREAM,
+    STATUS_WILDCARD,
+    HeardStatus,
+    decode_status,
+    status_subject,
+)
 from broker.core.workspace import RumiConfig, Workspace
 
 # Measured on nats-server 2.15.1: an account added by a reload answers "no responders" to requests
@@ -295,10 +305,14 @@ def _describe(exc: BaseException | None) -> str:
 
 
 async def ensure_audit_stream(ws: Workspace) -> None:
-    """As `admin`, create the audit stream RUMI_AUDIT, or check that the existing one is safe."""
+    """As `admin`, create the audit stream RUMI_AUDIT, or check that the existing one is safe.
+
+    Its size limit is `audit_max_bytes` from docker/config.json; an existing stream is updated to it.
+    """
+    max_bytes = ws.load_config().audit_max_bytes
     nc = await connect(ws, "admin", max_reconnect_attempts=2)
     try:
-        await _ensure_stream(nc)
+        await _ensure_stream(nc, max_bytes)
     finally:
         await nc.close()
 
@@ -313,15 +327,20 @@ _REQUIRED_STREAM = {
     "deny_purge": True,
     "max_age": 0,
     "max_msgs": -1,
-    "max_bytes": -1,
     "max_msgs_per_subject": -1,
 }
 
 
-async def _ensure_stream(nc: Client) -> None:
+async def _ensure_stream(nc: Client, max_bytes: int) -> None:
+    if max_bytes < 1024 * 1024:
+        raise NatsSetupError(
+            f"audit_max_bytes in docker/config.json must be at least 1 MiB (got {max_bytes})"
+        )
     config = {
         "name": AUDIT_STREAM,
         **_REQUIRED_STREAM,
+        # discard: new — a full stream refuses new events (and so requests), it never drops old ones.
+        "max_bytes": max_bytes,
         "num_replicas": 1,
         "duplicate_window": 120 * 1_000_000_000,
         "allow_rollup_hdrs": False,
@@ -343,6 +362,105 @@ async def _ensure_stream(nc: Client) -> None:
             f"JetStream stream {AUDIT_STREAM} exists with unsafe settings ({', '.join(wrong)}):"
             " an admin must fix or recreate it"
         )
+    if current.get("max_bytes") != max_bytes:
+        updated = json.dumps({**current, "max_bytes": max_bytes}).encode()
+        info = await _js_api(nc, f"$JS.API.STREAM.UPDATE.{AUDIT_STREAM}", updated)
+        if "error" in info:
+            reason = info["error"].get("description")
+            raise NatsSetupError(f"JetStream: cannot set {AUDIT_STREAM}'s max_bytes to {max_bytes}: {reason}")
+
+
+# The last status of each Pack, in memory: small, bounded, and rebuilt by the next heartbeat.
+_STATUS_STREAM_CONFIG = {
+    "name": STATUS_STREAM,
+    "subjects": [STATUS_WILDCARD],
+    "retention": "limits",
+    "storage": "memory",
+    "discard": "old",
+    "max_msgs_per_subject": 1,
+    "max_msg_size": 1024,
+    "max_bytes": 8 * 1024 * 1024,
+    "max_age": 0,
+    "num_replicas": 1,
+}
+
+
+async def ensure_status_stream(ws: Workspace) -> None:
+    """As `admin`, create (or correct) RUMI_STATUS: the last `PackStatus` of every Pack, in memory."""
+    nc = await connect(ws, "admin", max_reconnect_attempts=2)
+    try:
+        info = await _js_api(nc, f"$JS.API.STREAM.INFO.{STATUS_STREAM}", b"")
+        if "error" in info and info["error"].get("err_code") != 10059:  # 10059 = stream not found
+            raise NatsSetupError(f"JetStream: {info['error'].get('description', 'stream info failed')}")
+        current = info.get("config", {})
+        if "error" not in info and all(current.get(k) == v for k, v in _STATUS_STREAM_CONFIG.items()):
+            return
+        verb = "CREATE" if "error" in info else "UPDATE"
+        body = json.dumps(_STATUS_STREAM_CONFIG).encode()
+        done = await _js_api(nc, f"$JS.API.STREAM.{verb}.{STATUS_STREAM}", body)
+        if "error" in done:
+            reason = done["error"].get("description")
+            raise NatsSetupError(f"JetStream: cannot {verb.lower()} {STATUS_STREAM}: {reason}")
+    finally:
+        await nc.close()
+
+
+async def last_statuses(nc: Client, pack_ids: Sequence[str], timeout: float = 2) -> dict[str, HeardStatus]:
+    """The last status RUMI_STATUS holds for each of `pack_ids` (those without one are left out).
+
+    `heard_at` is when the server stored it, on this process's monotonic clock.  Empty when the
+    stream does not exist (e.g. an embedded server before `rumi up`); needs `cli` or `admin`.
+    """
+
+    async def one(pack_id: str) -> HeardStatus | None:
+        body = json.dumps({"last_by_subj": status_subject(pack_id)}).encode()
+        try:
+            msg = await nc.request(f"$JS.API.STREAM.MSG.GET.{STATUS_STREAM}", body, timeout=timeout)
+            answer = json.loads(msg.data)
+            stored = answer["message"]
+            data = base64.b64decode(stored.get("data", ""))
+            when = datetime.fromisoformat(stored["time"]).timestamp()
+        except Exception:  # no answer, no such stream or message, or a malformed one: not heard
+            return None
+        heard_at = time.monotonic() - max(time.time() - when, 0.0)
+        return decode_status(str(stored.get("subject", "")), data, heard_at)
+
+    found = await asyncio.gather(*(one(p) for p in sorted(set(pack_ids))))
+    return {h.pack_id: h for h in found if h is not None}
+
+
+class StatusWatch:
+    """Pack statuses heard live on rumi.pack.*.status (or one Pack's subject), as `HeardStatus`."""
+
+    def __init__(self, on_status: Callable[[HeardStatus], None] | None = None) -> None:
+        self.last: dict[str, HeardStatus] = {}
+        self.ready_at: dict[str, float] = {}  # when each Pack last said "ready" (monotonic)
+        self.changed = asyncio.Event()
+        self._notify = on_status
+        self._sub: Any = None
+
+    async def start(self, nc: Client, pack_id: str | None = None) -> None:
+        """Subscribe (and flush, so nothing published after this returns is missed)."""
+        subject = status_subject(pack_id) if pack_id is not None else STATUS_WILDCARD
+        self._sub = await nc.subscribe(subject, cb=self._on_status)
+        await nc.flush(timeout=5)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_status(self, msg: Any) -> None:
+        heard = decode_status(msg.subject, msg.data, time.monotonic())
+        if heard is None:
+            return
+        self.last[heard.pack_id] = heard
+        if heard.state == "ready":
+            self.ready_at[heard.pack_id] = heard.heard_at
+        self.changed.set()
+        if self._notify is not None:
+            self._notify(heard)
 
 
 async def _js_api(nc: Client, subject: str, payload: bytes) -> dict[str, Any]:

@@ -12,7 +12,13 @@ from typing import Annotated
 import typer
 
 from broker.cli.common import RootOption, fail, serve_broker, workspace
-from broker.containers.engine import BROKER_SERVE_COMMAND, DEFAULT_PREFIX, DockerRuntime, RuntimeStatus
+from broker.containers.engine import (
+    BROKER_SERVE_COMMAND,
+    DEFAULT_PREFIX,
+    ContainerInfo,
+    DockerRuntime,
+    RuntimeStatus,
+)
 from broker.core.errors import RumiError
 
 PrefixOption = Annotated[
@@ -67,17 +73,32 @@ def up_cmd(
     root: RootOption = None,
     build: Annotated[bool, typer.Option("--build/--no-build", help="Build (or reuse) images first.")] = True,
     prefix: PrefixOption = DEFAULT_PREFIX,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the Packs to become healthy.")] = 90.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every Pack to say it is ready.")] = 90.0,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=64,
+            help="Broker processes, each serving its share of the Packs (default: one per core).",
+        ),
+    ] = None,
 ) -> None:
-    """Start NATS, the broker and the Pack containers (with their networks and host guard)."""
+    """Start NATS, the broker and the Pack containers (with their networks and host guard).
+
+    Packs start concurrently; each is up when its SDK says "ready" on rumi.pack.<id>.status. One line
+    per Pack as it settles (`pack default: created → started → ready (0.8 s)`), a count every 2 s.
+    """
     with _one_line_errors():
         rt = _runtime(root, prefix, lambda m: typer.echo(f"  {m}"))
-        report = rt.up(packs or None, build=build, health_timeout=timeout)
-    for p in report.packs:
-        how = "started" if p.created else "already running"
-        typer.echo(f"pack {p.pack_id}: {p.container} {how}, healthy after {p.seconds_to_healthy:.1f} s")
+        report = rt.up(packs or None, build=build, health_timeout=timeout, workers=workers)
+    started = [p for p in report.packs if p.created]
+    times = sorted(p.seconds_to_ready for p in started)
+    how = f"{len(started)} started, {len(report.packs) - len(started)} already running"
+    if times:
+        how += f"; ready after p50 {times[len(times) // 2]:.1f} s, max {times[-1]:.1f} s"
     typer.echo(
-        f"Up in {report.seconds:.1f} s: {len(report.packs)} Pack(s), NATS {report.nats_url}, "
+        f"Up in {report.seconds:.1f} s: {len(report.packs)} Pack(s) ready ({how}), NATS {report.nats_url}, "
         f"broker pid {report.broker_pid}. `rumi ps` shows them, `rumi down` stops them."
     )
 
@@ -92,7 +113,7 @@ def down_cmd(root: RootOption = None) -> None:
 
 
 def ps_cmd(root: RootOption = None, as_json: JsonOption = False) -> None:
-    """Show containers (state, health), networks (subnet, guard), broker pid and NATS URL."""
+    """Show containers (state, health, each Pack's last heartbeat), networks (subnet, guard), broker, NATS."""
     with _one_line_errors():
         status = _runtime(root, DEFAULT_PREFIX).status()
     if as_json:
@@ -108,7 +129,7 @@ def ps_cmd(root: RootOption = None, as_json: JsonOption = False) -> None:
 
 
 def _containers_table(status: RuntimeStatus) -> str:
-    rows = [["CONTAINER", "ROLE", "STATE", "HEALTH", "ADDRESSES", "PORTS"]]
+    rows = [["CONTAINER", "ROLE", "STATE", "HEALTH", "PACK STATUS", "HEARTBEAT", "ADDRESSES", "PORTS"]]
     for c in status.containers:
         rows.append(
             [
@@ -116,11 +137,32 @@ def _containers_table(status: RuntimeStatus) -> str:
                 c.role,
                 c.state,
                 c.health or "-",
-                ",".join(sorted(c.addresses.values())) or "-",
+                _pack_status(c),
+                f"{c.heartbeat_age:.1f} s ago" if c.heartbeat_age is not None else "-",
+                _addresses(c),
                 ",".join(c.ports) or "-",
             ]
         )
     return _table(rows)
+
+
+def _addresses(c: ContainerInfo, shown: int = 3) -> str:
+    """A few addresses (NATS has one per Pack network: `rumi ps --json` lists them all)."""
+    values = sorted(c.addresses.values())
+    if len(values) <= shown:
+        return ",".join(values) or "-"
+    return ",".join(values[:shown]) + f",… ({len(values)} networks)"
+
+
+def _pack_status(c: ContainerInfo) -> str:
+    """ready / alive / stopping from the Pack's status subject; "silent" once its heartbeats stopped."""
+    if c.role != "pack":
+        return "-"
+    if c.heartbeat is None:
+        return "never heard"
+    if c.heartbeat != "stopping" and not c.live:
+        return f"silent (was {c.heartbeat})"
+    return c.heartbeat
 
 
 def _networks_table(status: RuntimeStatus) -> str:
@@ -188,7 +230,7 @@ def doctor_cmd(
     fix: Annotated[bool, typer.Option("--fix", help="Install missing host guard rules.")] = False,
     prefix: PrefixOption = DEFAULT_PREFIX,
 ) -> None:
-    """Check Docker, images, NATS, broker, host guard, Pack health and grants; say what to fix."""
+    """Check Docker, images, NATS, broker, host guard, Pack heartbeats and grants; say what to fix."""
     from broker.admin.doctor import run_doctor
 
     checks = run_doctor(workspace(root), prefix=prefix, fix=fix)
@@ -203,9 +245,10 @@ def doctor_cmd(
 def serve_broker_cmd(
     root: RootOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Broker processes.")] = 1,
 ) -> None:
     """Run the broker against the NATS container (`rumi up` starts this detached)."""
-    serve_broker(workspace(root), verbose=verbose, embedded=False)
+    serve_broker(workspace(root), verbose=verbose, embedded=False, workers=workers)
 
 
 def register(app: typer.Typer) -> None:

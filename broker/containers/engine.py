@@ -28,21 +28,25 @@ removes by label, exactly.  The Docker SDK is the only way this module talks to 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +58,7 @@ from broker.containers.settings import (
 )
 from broker.core.atomic import write_atomic
 from broker.core.docker_client import docker_client
-from broker.core.errors import RuntimeSetupError
+from broker.core.errors import RumiError, RuntimeSetupError
 from broker.core.labels import (
     DEFAULT_PREFIX,
     LABEL_CONFIG_HASH,
@@ -65,9 +69,11 @@ from broker.core.labels import (
     labels,
     workspace_tag,
 )
+from broker.core.protocol import HeardStatus
 from broker.core.workspace import RumiConfig, Workspace
 
 if TYPE_CHECKING:
+    from broker.bus.server import StatusWatch
     from broker.containers.guard import BridgeGuard
 
 __all__ = [
@@ -107,6 +113,11 @@ _STATE_FILE = "docker.json"
 _BROKER_READY = "rumi broker: serving"
 _LOG_KEEP_BYTES = 10 * 1024 * 1024
 _SUBNET_RETRIES = 8
+# Engine calls in flight at once (docker-py's connection pool holds 10).
+_PARALLEL = 8
+# Pack containers created and started at once: starting one keeps dockerd, containerd and runc busy,
+# and the Packs already started need the CPU to import and connect; more in flight only queue.
+_PARALLEL_STARTS = 4
 
 
 def _quiet(_: str) -> None:
@@ -254,12 +265,18 @@ class PackNetwork:
 
 @dataclass(frozen=True)
 class PackStart:
-    """How one Pack came up."""
+    """How one Pack came up: the states it went through, and seconds from its create to its "ready"."""
 
     pack_id: str
     container: str
     created: bool
-    seconds_to_healthy: float
+    seconds_to_ready: float
+    states: tuple[str, ...] = ()
+
+    @property
+    def seconds_to_healthy(self) -> float:
+        """The former name of `seconds_to_ready` (a Pack is up when its SDK says "ready")."""
+        return self.seconds_to_ready
 
 
 @dataclass(frozen=True)
@@ -284,6 +301,22 @@ class ContainerInfo:
     image: str
     addresses: dict[str, str]
     ports: list[str]
+    # A Pack's last status on rumi.pack.<id>.status (ready, alive, stopping) and its age in seconds;
+    # None when none was heard (or NATS did not answer).
+    heartbeat: str | None = None
+    heartbeat_age: float | None = None
+    # Seconds of silence after which the Pack counts as unavailable (3 heartbeat intervals).
+    heartbeat_stale_after: float | None = None
+
+    @property
+    def live(self) -> bool:
+        """The Pack said ready or alive within its stale time."""
+        return (
+            self.heartbeat in ("ready", "alive")
+            and self.heartbeat_age is not None
+            and self.heartbeat_stale_after is not None
+            and self.heartbeat_age <= self.heartbeat_stale_after
+        )
 
 
 @dataclass(frozen=True)
@@ -355,11 +388,19 @@ def running_broker_pid(ws: Workspace) -> int | None:
     return pid
 
 
-def _broker_argv(ws: Workspace) -> list[str]:
-    return [sys.executable, "-m", "broker.cli", BROKER_SERVE_COMMAND, "--root", str(ws.root)]
+def _broker_argv(ws: Workspace, workers: int) -> list[str]:
+    argv = [sys.executable, "-m", "broker.cli", BROKER_SERVE_COMMAND, "--root", str(ws.root)]
+    return [*argv, "--workers", str(workers)]
 
 
-def start_broker(ws: Workspace, timeout: float = 30, progress: Progress = _quiet) -> int:
+def default_workers() -> int:
+    """Broker processes under `rumi up`: one per core."""
+    return max(1, os.cpu_count() or 1)
+
+
+def start_broker(
+    ws: Workspace, timeout: float = 30, progress: Progress = _quiet, workers: int | None = None
+) -> int:
     """Start the broker detached (or find it running); wait until it serves; return its pid."""
     pid = running_broker_pid(ws)
     if pid is not None:
@@ -378,7 +419,7 @@ def start_broker(ws: Workspace, timeout: float = 30, progress: Progress = _quiet
     env["PYTHONUNBUFFERED"] = "1"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            _broker_argv(ws),
+            _broker_argv(ws, workers or default_workers()),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -459,6 +500,170 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+# ------------------------------------------------------------------------------ Pack status
+
+
+class StatusListener:
+    """Pack statuses heard as `cli` on rumi.pack.*.status, in a thread of its own.
+
+    nats-py is asyncio and `up` is not: the listener runs its own event loop in a daemon thread.
+    `start` also makes sure the RUMI_STATUS stream exists and reads the last status of `pack_ids`
+    from it (`snapshot`), so a Pack that already runs counts as soon as its stored heartbeat is fresh.
+    """
+
+    def __init__(self, ws: Workspace, pack_ids: Sequence[str]) -> None:
+        self.ws = ws
+        self.pack_ids = sorted(set(pack_ids))
+        self.snapshot: dict[str, HeardStatus] = {}
+        self.changed = threading.Event()
+        self.error: BaseException | None = None
+        self._watch: StatusWatch | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_requested = threading.Event()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rumi-status", daemon=True)
+
+    def start(self, *, wait: bool = True) -> None:
+        """Connect and subscribe in the background; with `wait`, return once subscribed."""
+        self._thread.start()
+        if wait:
+            self.wait_started()
+
+    def wait_started(self, timeout: float = 20) -> None:
+        """Block until the subscription is in place; RuntimeSetupError if it could not be made."""
+        if not self._started.wait(timeout):
+            raise RuntimeSetupError(f"could not subscribe to Pack status within {timeout:g} s")
+        if self.error is not None:
+            raise RuntimeSetupError(f"cannot hear Pack status: {self.error}")
+
+    def last(self, pack_id: str) -> HeardStatus | None:
+        """The Pack's latest status heard live since `start`."""
+        watch = self._watch
+        return watch.last.get(pack_id) if watch is not None else None
+
+    def ready_at(self, pack_id: str) -> float | None:
+        """When (monotonic) the Pack last said "ready", since `start`."""
+        watch = self._watch
+        return watch.ready_at.get(pack_id) if watch is not None else None
+
+    def stop(self) -> None:
+        """Close the connection and end the thread (bounded), also when it is still connecting."""
+        self._stop_requested.set()
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        from broker.bus.server import StatusWatch, connect, ensure_status_stream, last_statuses
+
+        # `stop` sets the flag, then reads these two; here they are set, then the flag is read.
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        if self._stop_requested.is_set():
+            self._started.set()
+            return
+        nc = None
+        try:
+            await ensure_status_stream(self.ws)
+            nc = await connect(self.ws, "cli")
+            self._watch = StatusWatch(on_status=lambda _: self.changed.set())
+            await self._watch.start(nc)
+            self.snapshot = await last_statuses(nc, self.pack_ids)
+            self._started.set()
+            await self._stop.wait()
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self._started.set()
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+
+
+def read_statuses(ws: Workspace, pack_ids: Sequence[str], timeout: float = 3) -> dict[str, HeardStatus]:
+    """The last status RUMI_STATUS holds for each Pack; empty when NATS or the stream does not answer."""
+    from broker.bus.server import connect, last_statuses
+
+    if not pack_ids:
+        return {}
+
+    async def read() -> dict[str, HeardStatus]:
+        nc = await connect(ws, "cli", initial_timeout=timeout, max_reconnect_attempts=0)
+        try:
+            return await last_statuses(nc, pack_ids, timeout=timeout)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(read(), timeout * 2))
+    except (TimeoutError, RumiError, OSError):
+        return {}
+
+
+class _UpTracker:
+    """What `rumi up` says about its Packs: one line when a Pack settles, a summary every few seconds.
+
+    ``pack default: created → started → ready (0.8 s)``; ``packs: 12 ready, 6 started, 2 created (3 s)``.
+    Called from the starting threads and the waiting one: every line is written under a lock.
+    """
+
+    ORDER = ("pending", "already running", "created", "started", "ready", "failed")
+
+    def __init__(self, progress: Progress, pack_ids: Sequence[str]) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._states: dict[str, list[str]] = {p: [] for p in pack_ids}
+        self._shown = ""
+        self._shown_at = time.monotonic()
+
+    def state(self, pack_id: str, state: str) -> None:
+        with self._lock:
+            self._states[pack_id].append(state)
+
+    def states_of(self, pack_id: str) -> list[str]:
+        with self._lock:
+            return list(self._states[pack_id])
+
+    def current(self, pack_id: str) -> str:
+        with self._lock:
+            states = self._states[pack_id]
+            return states[-1] if states else "pending"
+
+    def settle(self, pack_id: str, final: str, seconds: float, detail: str = "") -> None:
+        with self._lock:
+            self._states[pack_id].append(final)
+            line = f"pack {pack_id}: {' → '.join(self._states[pack_id])} ({seconds:.1f} s)"
+            self._progress(f"{line}: {detail}" if detail else line)
+
+    def summary(self, elapsed: float) -> None:
+        """A count per state, at most every 2 s, and only while more than one Pack is still moving."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._shown_at < 2.0:
+                return
+            latest = [s[-1] if s else "pending" for s in self._states.values()]
+            if sum(1 for s in latest if s not in ("ready", "failed")) < 2:
+                return
+            counts = {state: latest.count(state) for state in self.ORDER if latest.count(state)}
+            text = ", ".join(f"{n} {state}" for state, n in counts.items())
+            if text == self._shown and now - self._shown_at < 10.0:
+                return
+            self._shown, self._shown_at = text, now
+            self._progress(f"packs: {text} ({elapsed:.0f} s)")
+
+
+def _names(pack_ids: Sequence[str], shown: int = 10) -> str:
+    head = ", ".join(pack_ids[:shown])
+    return head if len(pack_ids) <= shown else f"{head} and {len(pack_ids) - shown} more"
+
+
 # --------------------------------------------------------------------------------- runtime
 
 
@@ -472,6 +677,7 @@ class DockerRuntime:
         *,
         prefix: str = DEFAULT_PREFIX,
         progress: Progress | None = None,
+        heartbeat_interval: float | None = None,
     ) -> None:
         from broker.containers.images import image_tag
 
@@ -480,6 +686,8 @@ class DockerRuntime:
         self.prefix = prefix
         self.tag = workspace_tag(ws)
         self.progress = progress or _quiet
+        # Seconds between the Packs' status heartbeats (None: the SDK's default, 5 s).
+        self.heartbeat_interval = heartbeat_interval
         self._client = client
 
     # -- engine
@@ -605,30 +813,59 @@ class DockerRuntime:
 
     def ensure_pack_network(self, pack_id: str) -> PackNetwork:
         """The Pack's internal network (created with a free subnet from the pool when missing)."""
-        found = self.client.networks.list(filters=self._filters(ROLE_PACK_NETWORK, pack_id))
-        if found:
-            net = found[0]
-            self._check_pack_network(net)
+        return self.ensure_pack_networks([pack_id])[pack_id]
+
+    def ensure_pack_networks(self, pack_ids: Sequence[str]) -> dict[str, PackNetwork]:
+        """Every Pack network of the workspace, by pack id, after creating those `pack_ids` lack.
+
+        One listing of the engine's networks, subnets chosen for all missing networks at once, then
+        created concurrently (a subnet someone else took meanwhile is retried with the next free one).
+        """
+        return self._ensure_pack_networks(pack_ids)[0]
+
+    def _ensure_pack_networks(self, pack_ids: Sequence[str]) -> tuple[dict[str, PackNetwork], list[str]]:
+        networks: dict[str, PackNetwork] = {}
+        for net in self.client.networks.list(filters=self._filters(ROLE_PACK_NETWORK)):
             info = self._pack_network_from(net)
-            if info is not None:
-                return info
-        options = {
-            "com.docker.network.bridge.name": bridge_name(self.tag, f"pack:{pack_id}"),
-            "com.docker.network.bridge.enable_ip_masquerade": "false",
-            # No host address on the Pack bridge: the container's default route leads nowhere.
-            "com.docker.network.bridge.inhibit_ipv4": "true",
-            "com.docker.network.bridge.enable_icc": "true",
-        }
-        net = self._create_network(
-            self.pack_network_name(pack_id),
-            labels(self.tag, ROLE_PACK_NETWORK, pack_id),
-            options,
-            internal=True,
-        )
-        info = self._pack_network_from(net)
-        if info is None:  # pragma: no cover - we just created it with these fields
-            raise RuntimeSetupError(f"network {net.name} has no subnet")
-        return info
+            if info is not None and info.pack_id not in networks:
+                networks[info.pack_id] = info
+                if info.pack_id in pack_ids:
+                    self._check_pack_network(net)
+        missing = sorted(set(pack_ids) - set(networks))
+        if not missing:
+            return networks, []
+        cfg = self.ws.load_config()
+        used = [*_docker_subnets(self.client), *host_routes()]
+        chosen: dict[str, ipaddress.IPv4Network] = {}
+        for pack_id in missing:
+            chosen[pack_id] = allocate_subnet(cfg.network_pool, cfg.network_prefix_length, used)
+            used.append(chosen[pack_id])
+
+        def create(pack_id: str) -> PackNetwork:
+            bridge = bridge_name(self.tag, f"pack:{pack_id}")
+            options = {
+                "com.docker.network.bridge.name": bridge,
+                "com.docker.network.bridge.enable_ip_masquerade": "false",
+                # No host address on the Pack bridge: the container's default route leads nowhere.
+                "com.docker.network.bridge.inhibit_ipv4": "true",
+                "com.docker.network.bridge.enable_icc": "true",
+            }
+            net = self._create_network(
+                self.pack_network_name(pack_id),
+                labels(self.tag, ROLE_PACK_NETWORK, pack_id),
+                options,
+                internal=True,
+                subnet=chosen[pack_id],
+            )
+            info = self._pack_network_from(net)
+            if info is None:  # pragma: no cover - we just created it with these fields
+                raise RuntimeSetupError(f"network {net.name} has no subnet")
+            return info
+
+        with ThreadPoolExecutor(max_workers=min(_PARALLEL, len(missing))) as pool:
+            for info in pool.map(create, missing):
+                networks[info.pack_id] = info
+        return networks, missing
 
     def _check_pack_network(self, net: Any) -> None:
         attrs = net.attrs
@@ -644,17 +881,25 @@ class DockerRuntime:
             )
 
     def _create_network(
-        self, name: str, net_labels: dict[str, str], options: dict[str, str], *, internal: bool
+        self,
+        name: str,
+        net_labels: dict[str, str],
+        options: dict[str, str],
+        *,
+        internal: bool,
+        subnet: ipaddress.IPv4Network | None = None,
     ) -> Any:
+        """Create a bridge network on `subnet` (else the pool's first free one); the inspected network."""
         import docker.errors
         from docker.types import IPAMConfig, IPAMPool
 
         cfg = self.ws.load_config()
         taken: list[ipaddress.IPv4Network] = []
         last_error = ""
-        for _ in range(_SUBNET_RETRIES):
-            used = [*_docker_subnets(self.client), *host_routes(), *taken]
-            subnet = allocate_subnet(cfg.network_pool, cfg.network_prefix_length, used)
+        for attempt in range(_SUBNET_RETRIES):
+            if subnet is None or attempt > 0:
+                used = [*_docker_subnets(self.client), *host_routes(), *taken]
+                subnet = allocate_subnet(cfg.network_pool, cfg.network_prefix_length, used)
             pool = IPAMPool(
                 subnet=str(subnet),
                 gateway=str(subnet[1]),
@@ -679,9 +924,62 @@ class DockerRuntime:
                     taken.append(subnet)
                     continue
                 raise RuntimeSetupError(f"cannot create network {name}: {last_error}") from None
-            net.reload()
-            return net
+            return net  # networks.create returns the inspected network
         raise RuntimeSetupError(f"cannot create network {name}: {last_error}")
+
+    def install_guards(self, bridges: Sequence[str]) -> None:
+        """The host guard on every bridge in `bridges`, batched: per tool, one listing of INPUT, one
+        `iptables-restore --noflush` inserting every missing rule, one listing to check; then IPv6 off.
+
+        The same rules `guard.install_guard` makes one bridge at a time (100 bridges: 4 calls, not 600).
+        """
+        from broker.containers import guard as _guard
+
+        wanted = sorted(set(bridges))
+        if not wanted:
+            return
+        for bridge in wanted:
+            _guard._check_bridge(bridge)
+        comment = _guard.guard_comment(self.tag)
+        for tool in _guard._tools_for_host():
+            present = _guard_rules(tool, comment)
+            missing = [b for b in wanted if b not in present]
+            if missing:
+                _restore(
+                    tool,
+                    ["*filter", *(shlex.join(["-I", *_guard._rule(b, self.tag)]) for b in missing), "COMMIT"],
+                )
+                present = _guard_rules(tool, comment)
+                left = [b for b in missing if b not in present]
+                if left:
+                    raise _guard.GuardError(f"the {tool} guard rules for {', '.join(left)} did not stick")
+        if _guard._ipv6_present():
+            for bridge in wanted:
+                if (_guard._PROC_IPV6 / bridge).is_dir():
+                    _guard._disable_ipv6(bridge)
+
+    def remove_guards(self, bridges: Iterable[str] = ()) -> list[str]:
+        """Remove every guard rule of this workspace (every copy), batched like `install_guards`.
+
+        Returns the bridges that had one, and those in `bridges`.
+        """
+        from broker.containers import guard as _guard
+
+        comment = _guard.guard_comment(self.tag)
+        done: set[str] = set(bridges)
+        for tool in _guard._tools_for_host():
+            rules = _guard_rules(tool, comment)
+            if not rules:
+                continue
+            done.update(rules)
+            lines = ["*filter"]
+            for bridge, copies in sorted(rules.items()):
+                lines += [shlex.join(["-D", *_guard._rule(bridge, self.tag)])] * copies
+            _restore(tool, [*lines, "COMMIT"])
+            left = _guard_rules(tool, comment)
+            if left:
+                raise _guard.GuardError(f"the {tool} guard rules for {', '.join(sorted(left))} did not go")
+        return sorted(done)
 
     # -- NATS
 
@@ -808,17 +1106,22 @@ class DockerRuntime:
         return url
 
     def _attach(self, container: Any, networks: Sequence[PackNetwork]) -> None:
+        """Attach NATS to each of `networks` it is not on yet, at its fixed address (concurrently)."""
         import docker.errors
 
         container.reload()
         attached = set((container.attrs.get("NetworkSettings") or {}).get("Networks") or {})
-        for net in networks:
-            if net.name in attached:
-                continue
+        todo = [net for net in networks if net.name not in attached]
+
+        def attach(net: PackNetwork) -> None:
             try:
-                self.client.networks.get(net.id).connect(container, ipv4_address=net.nats_ip)
+                self.client.api.connect_container_to_network(container.id, net.id, ipv4_address=net.nats_ip)
             except docker.errors.APIError as exc:
                 raise RuntimeSetupError(f"cannot attach NATS to {net.name}: {_api_message(exc)}") from None
+
+        if todo:
+            with ThreadPoolExecutor(max_workers=min(_PARALLEL, len(todo))) as pool:
+                list(pool.map(attach, todo))
 
     def reload_nats(self, container: Any | None = None, timeout: float = 10) -> None:
         """SIGHUP the NATS container twice, each time awaiting its "Reloaded" log line.
@@ -893,6 +1196,8 @@ class DockerRuntime:
             nats_url=net.nats_url,
             creds_dir=self.pack_creds_dir(pack_id),
         )
+        if self.heartbeat_interval is not None:
+            spec = replace(spec, heartbeat_interval=self.heartbeat_interval)
         settings = pack_container_settings(spec)
         settings["name"] = self.pack_container_name(pack_id)
         # The embedded resolver's only upstream: a reserved address of the Pack's own subnet.
@@ -919,26 +1224,45 @@ class DockerRuntime:
         other.remove(force=True)
 
     def start_pack(
-        self, pack_id: str, image: str, net: PackNetwork, cfg: RumiConfig
+        self,
+        pack_id: str,
+        image: str,
+        net: PackNetwork,
+        cfg: RumiConfig,
+        *,
+        current: Sequence[Any] | None = None,
+        on_state: Callable[[str], None] | None = None,
     ) -> tuple[Any, bool, float]:
-        """Create and start the Pack's container unless an identical one runs; (container, created, t0)."""
+        """Create and start the Pack's container unless an identical one runs; (container, created, t0).
+
+        `current` is this Pack's containers as a sparse listing found them (listed here when None);
+        `on_state` hears "already running", "created" and "started"; t0 is when the create began.
+        """
         import docker.errors
 
-        self.prepare_pack_files(pack_id)
+        say = on_state or _quiet
         settings = self.pack_settings(pack_id, image, net, cfg)
         image_id = self.client.images.get(image).id
         digest = self._settings_hash({**settings, "image_id": image_id, "seed": self._seed_digest(pack_id)})
         settings["labels"] = {**settings["labels"], LABEL_CONFIG_HASH: digest}
-        current = self.client.containers.list(all=True, filters=self._filters(ROLE_PACK, pack_id))
+        if current is None:
+            current = self.client.containers.list(
+                all=True, sparse=True, filters=self._filters(ROLE_PACK, pack_id)
+            )
         for container in current:
-            if container.labels.get(LABEL_CONFIG_HASH) == digest and container.status == "running":
+            same = (container.attrs.get("Labels") or {}).get(LABEL_CONFIG_HASH) == digest
+            if same and container.status == "running":
+                say("already running")
                 return container, False, time.monotonic()
-            container.remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.api.remove_container(container.id, force=True)
         self._claim_name(settings["name"])
         started = time.monotonic()
         try:
             container = self.client.containers.create(**settings)
+            say("created")
             container.start()
+            say("started")
         except docker.errors.APIError as exc:
             raise RuntimeSetupError(
                 f"cannot start the container of Pack {pack_id}: {_api_message(exc)}"
@@ -953,34 +1277,137 @@ class DockerRuntime:
     def _settings_hash(settings: dict[str, Any]) -> str:
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
-    def wait_healthy(self, started: dict[str, tuple[Any, bool, float]], timeout: float) -> list[PackStart]:
-        """Wait until every Pack container is healthy; raise with the first failure's last log line."""
-        pending = dict(started)
-        done: list[PackStart] = []
-        deadline = time.monotonic() + timeout
-        while pending:
-            for pack_id, (container, created, t0) in list(pending.items()):
-                container.reload()
-                state = container.attrs.get("State") or {}
-                health = (state.get("Health") or {}).get("Status")
-                if health == "healthy":
-                    done.append(PackStart(pack_id, container.name, created, time.monotonic() - t0))
-                    del pending[pack_id]
-                    self.progress(f"pack {pack_id}: healthy ({done[-1].seconds_to_healthy:.1f} s)")
-                elif state.get("Status") in ("exited", "dead") or health == "unhealthy":
-                    tail = container.logs(tail=20).decode("utf-8", "replace")
-                    raise RuntimeSetupError(
-                        f"Pack {pack_id} did not become healthy ({state.get('Status')}, {health}): "
-                        f"{_last_line(tail) or 'no output'} (`rumi logs {pack_id}`)"
-                    )
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeSetupError(
-                    f"Packs not healthy within {timeout:g} s: {', '.join(sorted(pending))} (`rumi logs PACK`)"
-                )
-            time.sleep(0.2)
-        return sorted(done, key=lambda p: p.pack_id)
+    def start_packs(
+        self,
+        pack_ids: Sequence[str],
+        tags: dict[str, str],
+        networks: dict[str, PackNetwork],
+        cfg: RumiConfig,
+        listener: StatusListener,
+        timeout: float,
+    ) -> list[PackStart]:
+        """Start the Packs concurrently and wait until each says "ready" on its status subject.
+
+        A Pack whose container already runs with the same settings counts once its heartbeat is live.
+        Containers that exit (or restart) before "ready" fail the wait at once, with their last log line;
+        every other Pack is still waited for, so one broken Pack does not hide the state of the rest.
+        """
+        track = _UpTracker(self.progress, pack_ids)
+        current: dict[str, list[Any]] = {}
+        for container in self.client.containers.list(all=True, sparse=True, filters=self._filters(ROLE_PACK)):
+            owner = (container.attrs.get("Labels") or {}).get(LABEL_PACK, "")
+            current.setdefault(owner, []).append(container)
+        began = time.monotonic()
+        deadline = began + timeout
+        launched: dict[str, tuple[Any, bool, float]] = {}
+        failed: dict[str, str] = {}
+        done: dict[str, PackStart] = {}
+        pool = ThreadPoolExecutor(
+            max_workers=min(_PARALLEL_STARTS, len(pack_ids)), thread_name_prefix="rumi-up"
+        )
+        try:
+            futures = {
+                pool.submit(
+                    self.start_pack,
+                    pack_id,
+                    tags[f"pack:{pack_id}"],
+                    networks[pack_id],
+                    cfg,
+                    current=current.get(pack_id, []),
+                    on_state=functools.partial(track.state, pack_id),
+                ): pack_id
+                for pack_id in pack_ids
+            }
+            next_check = began + 1.0
+            while len(done) + len(failed) < len(pack_ids):
+                listener.changed.clear()
+                now = time.monotonic()
+                for future in [f for f in futures if f.done()]:
+                    pack_id = futures.pop(future)
+                    try:
+                        launched[pack_id] = future.result()
+                    except Exception as exc:  # RuntimeSetupError, or the engine's own error
+                        why = str(exc) if isinstance(exc, RumiError) else f"Docker: {_api_message(exc)}"
+                        failed[pack_id] = why
+                        track.settle(pack_id, "failed", now - began, why)
+                for pack_id, (_, created, t0) in launched.items():
+                    if pack_id in done or pack_id in failed:
+                        continue
+                    ready = self._ready_since(listener, pack_id, t0 if created else None, now)
+                    if ready is not None:
+                        done[pack_id] = PackStart(
+                            pack_id,
+                            self.pack_container_name(pack_id),
+                            created,
+                            ready,
+                            (*track.states_of(pack_id), "ready"),
+                        )
+                        track.settle(pack_id, "ready", ready)
+                if now >= next_check:
+                    next_check = now + 1.0
+                    for pack_id, why in self._exited_packs(launched, set(done) | set(failed)).items():
+                        failed[pack_id] = why
+                        track.settle(pack_id, "failed", now - launched[pack_id][2], why)
+                if len(done) + len(failed) == len(pack_ids):
+                    break
+                if now > deadline:
+                    for pack_id in sorted(set(pack_ids) - set(done) - set(failed)):
+                        state = track.current(pack_id)
+                        tail = self._log_tail(pack_id) if pack_id in launched else ""
+                        failed[pack_id] = (
+                            f"not ready within {timeout:g} s ({state}){': ' + tail if tail else ''}"
+                        )
+                        track.settle(pack_id, "failed", now - began, failed[pack_id])
+                    break
+                track.summary(now - began)
+                listener.changed.wait(0.2)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if failed:
+            detail = "; ".join(f"{p}: {why}" for p, why in sorted(failed.items()))
+            raise RuntimeSetupError(
+                f"{len(failed)} of {len(pack_ids)} Pack(s) did not become ready: {detail} (`rumi logs PACK`)"
+            )
+        return [done[p] for p in sorted(done)]
+
+    @staticmethod
+    def _ready_since(listener: StatusListener, pack_id: str, t0: float | None, now: float) -> float | None:
+        """Seconds from t0 to the Pack's "ready" (a new container), or 0 when its heartbeat is live."""
+        if t0 is not None:
+            ready_at = listener.ready_at(pack_id)
+            return ready_at - t0 if ready_at is not None and ready_at >= t0 else None
+        last = listener.last(pack_id)
+        if last is not None and last.live(now):
+            return 0.0
+        known = listener.snapshot.get(pack_id)
+        if known is not None and known.live(now):
+            return 0.0
+        return None
+
+    def _exited_packs(
+        self, launched: dict[str, tuple[Any, bool, float]], settled: set[str]
+    ) -> dict[str, str]:
+        """Launched, unsettled Packs whose container exited, died or is restarting (one listing)."""
+        ids = {c.id: p for p, (c, _, _) in launched.items() if p not in settled}
+        if not ids:
+            return {}
+        filters = {**self._filters(ROLE_PACK), "status": ["exited", "dead", "restarting"]}
+        out: dict[str, str] = {}
+        for container in self.client.containers.list(all=True, sparse=True, filters=filters):
+            pack_id = ids.get(container.id)
+            if pack_id is not None:
+                tail = self._log_tail(pack_id)
+                out[pack_id] = f"{container.attrs.get('Status') or container.status}: {tail or 'no output'}"
+        return out
+
+    def _log_tail(self, pack_id: str) -> str:
+        import docker.errors
+
+        try:
+            raw = self.client.api.logs(self.pack_container_name(pack_id), tail=20)
+        except docker.errors.APIError:
+            return ""
+        return _last_line(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
 
     # -- up / down
 
@@ -991,8 +1418,12 @@ class DockerRuntime:
         build: bool = True,
         with_broker: bool = True,
         health_timeout: float = 90,
+        workers: int | None = None,
     ) -> UpReport:
-        """Bring up NATS, the broker and the Packs (all of the workspace's when `pack_ids` is empty)."""
+        """Bring up NATS, the broker and the Packs (all of the workspace's when `pack_ids` is empty).
+
+        Returns once every Pack said "ready" on its status subject (`health_timeout` bounds the wait).
+        """
         cfg = self.ws.load_config()
         if cfg.nats_url:
             raise RuntimeSetupError(
@@ -1006,7 +1437,12 @@ class DockerRuntime:
             raise RuntimeSetupError(f"no workspace at {self.ws.root}: run `rumi init` first (or pass --root)")
         with self._exclusive():
             return self._up(
-                cfg, pack_ids, build=build, with_broker=with_broker, health_timeout=health_timeout
+                cfg,
+                pack_ids,
+                build=build,
+                with_broker=with_broker,
+                health_timeout=health_timeout,
+                workers=workers,
             )
 
     def _up(
@@ -1017,8 +1453,8 @@ class DockerRuntime:
         build: bool,
         with_broker: bool,
         health_timeout: float,
+        workers: int | None = None,
     ) -> UpReport:
-        from broker.containers import guard as _guard
         from broker.core.manifest import load_manifest
 
         began = time.monotonic()
@@ -1028,23 +1464,23 @@ class DockerRuntime:
             raise RuntimeSetupError("no Packs to run: add one under ecosystem/<pack_id>/ with a pack.json")
         for pack_id in wanted:
             load_manifest(self.ws, pack_id)
-        self.progress(f"workspace {self.ws.root} (tag {self.tag}), Packs: {', '.join(wanted)}")
+        self.progress(f"workspace {self.ws.root} (tag {self.tag}), Packs: {_names(wanted)}")
         tags = self.ensure_images(wanted, build=build)
         self.ensure_control_network()
-        networks: dict[str, PackNetwork] = {}
-        for pack_id in wanted:
-            networks[pack_id] = self.ensure_pack_network(pack_id)
-            status = _guard.install_guard(networks[pack_id].bridge, self.tag)
+        networks, new = self._ensure_pack_networks(wanted)
+        self.install_guards([networks[p].bridge for p in wanted])
+        if len(wanted) == 1:
+            net = networks[wanted[0]]
+            self.progress(f"network {net.name}: {net.subnet} on {net.bridge}, guard active")
+        else:
             self.progress(
-                f"network {networks[pack_id].name}: {networks[pack_id].subnet} on {status.bridge}, guard active"
+                f"networks: {len(wanted)} Pack networks ({len(new)} new), guard active on each bridge"
             )
         # Every Pack with a network keeps its account: `up a` after `up b` must not cut b off.
-        running = sorted(set(wanted) | set(self.pack_networks()))
+        running = sorted(set(wanted) | set(networks))
         for pack_id in running:
             self.prepare_pack_files(pack_id)
-        url = self.ensure_nats(
-            tags["nats"], running, [networks.get(p) or self.ensure_pack_network(p) for p in running]
-        )
+        url = self.ensure_nats(tags["nats"], running, [networks[p] for p in running])
         write_atomic(
             _state_file(self.ws),
             json.dumps({"prefix": self.prefix, "nats_url": url}) + "\n",
@@ -1052,14 +1488,22 @@ class DockerRuntime:
             fsync=False,
         )
         self.progress(f"nats: {url}")
-        broker_pid = 0
-        if with_broker:
-            broker_pid = start_broker(self.ws, progress=self.progress)
-        started = {
-            pack_id: self.start_pack(pack_id, tags[f"pack:{pack_id}"], networks[pack_id], cfg)
-            for pack_id in wanted
-        }
-        packs = self.wait_healthy(started, health_timeout)
+        # Listening before any Pack starts: no "ready" can be missed.  A Pack needs only NATS to say
+        # it is ready, so the broker starts meanwhile; `up` returns once both are done.
+        listener = StatusListener(self.ws, wanted)
+        listener.start(wait=False)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rumi-broker") as side:
+            broker = (
+                side.submit(start_broker, self.ws, progress=self.progress, workers=workers)
+                if with_broker
+                else None
+            )
+            try:
+                listener.wait_started()
+                packs = self.start_packs(wanted, tags, networks, cfg, listener, health_timeout)
+            finally:
+                listener.stop()
+            broker_pid = broker.result() if broker is not None else 0
         return UpReport(url, broker_pid, packs, time.monotonic() - began)
 
     @contextlib.contextmanager
@@ -1122,8 +1566,7 @@ class DockerRuntime:
                 bridges.add(bridge)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda n: self._remove_network(n, removed), nets))
-        for bridge in sorted(bridges | set(_guard.guarded_bridges(self.tag))):
-            _guard.remove_guard(bridge, self.tag)
+        for bridge in self.remove_guards(bridges):
             removed.append(f"guard {bridge}")
         state = _state_file(self.ws)
         try:
@@ -1162,13 +1605,17 @@ class DockerRuntime:
 
     # -- ps / stats / logs
 
-    def status(self) -> RuntimeStatus:
-        """Containers, networks (with guard state), broker pid and NATS URL of this workspace."""
+    def status(self, *, heartbeats: bool = True) -> RuntimeStatus:
+        """Containers (Packs with their last heartbeat), networks (with guard state), broker pid, NATS URL."""
         from broker.bus.server import url_file
         from broker.containers import guard as _guard
 
+        listed = self.client.containers.list(all=True, filters=self._filters())
+        pack_ids = sorted({c.labels[LABEL_PACK] for c in listed if c.labels.get(LABEL_ROLE) == ROLE_PACK})
+        heard = read_statuses(self.ws, pack_ids) if heartbeats and pack_ids else {}
+        now = time.monotonic()
         containers = []
-        for c in self.client.containers.list(all=True, filters=self._filters()):
+        for c in listed:
             attrs = c.attrs
             state = attrs.get("State") or {}
             nets = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
@@ -1186,6 +1633,7 @@ class DockerRuntime:
                     image=str((attrs.get("Config") or {}).get("Image", "")),
                     addresses={k: str(v.get("IPAddress", "")) for k, v in nets.items()},
                     ports=sorted(ports),
+                    **_heartbeat_fields(heard.get(c.labels.get(LABEL_PACK, "")), now),
                 )
             )
         networks = []
@@ -1273,6 +1721,16 @@ class DockerRuntime:
             yield container.logs(**kwargs)
 
 
+def _heartbeat_fields(heard: HeardStatus | None, now: float) -> dict[str, Any]:
+    if heard is None:
+        return {}
+    return {
+        "heartbeat": heard.state,
+        "heartbeat_age": round(heard.age(now), 1),
+        "heartbeat_stale_after": heard.stale_after(),
+    }
+
+
 def _api_message(exc: Exception) -> str:
     explanation = getattr(exc, "explanation", None)
     text = str(explanation or exc)
@@ -1292,6 +1750,42 @@ def nats_answers(host: str, port: int) -> bool:
             return sock.recv(5) == b"INFO "
     except OSError:
         return False
+
+
+def _guard_rules(tool: str, comment: str) -> dict[str, int]:
+    """Bridges with a DROP rule carrying `comment` in `tool`'s INPUT chain, and how many (one `-S INPUT`)."""
+    from broker.containers import guard as _guard
+
+    done = _guard._run(tool, ["-S", "INPUT"])
+    if done.returncode != 0:
+        raise _guard.GuardError(f"{tool} -S INPUT failed: {_guard._last_line(done)}")
+    found: dict[str, int] = {}
+    for line in done.stdout.splitlines():
+        parts = shlex.split(line)
+        if "--comment" not in parts or "-i" not in parts or parts[-2:] != ["-j", "DROP"]:
+            continue
+        bridge = parts[parts.index("-i") + 1]
+        # Exact match on the comment, and only bridges Rumi names: nothing else is ever deleted.
+        if parts[parts.index("--comment") + 1] == comment and _guard.BRIDGE_RE.match(bridge):
+            found[bridge] = found.get(bridge, 0) + 1
+    return found
+
+
+def _restore(tool: str, lines: Sequence[str]) -> None:
+    """Apply `lines` in one `<tool>-restore --noflush` transaction (waits for the xtables lock)."""
+    from broker.containers import guard as _guard
+
+    argv = [_guard._tool(f"{tool}-restore"), "-w", "10", "--noflush"]
+    try:
+        done = subprocess.run(
+            argv, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise _guard.GuardError(f"{tool}-restore did not finish within 60 s") from None
+    if done.returncode != 0:
+        raise _guard.GuardError(
+            f"{tool}-restore of {len(lines) - 2} guard rules failed: {_guard._last_line(done)}"
+        )
 
 
 def guard_status(ws: Workspace, client: Any | None = None) -> dict[str, BridgeGuard]:

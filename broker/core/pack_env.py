@@ -10,7 +10,8 @@ import os
 
 __all__ = ["READY_FILE", "pack_environment", "proxy_environment"]
 
-# In a container: the SDK creates it once connected; the healthcheck looks for it.
+# In a container: the SDK creates it once serving and touches it with every heartbeat; the Docker
+# healthcheck looks at its age.
 READY_FILE = "/tmp/rumi-ready"  # noqa: S108 - the container's private tmpfs
 
 
@@ -36,12 +37,15 @@ def pack_environment(
     work_area: str | os.PathLike[str],
     proxy_listen: str,
     container: bool = False,
+    heartbeat_interval: float | None = None,
 ) -> dict[str, str]:
     """The Pack's variables: identity, NATS URL and credentials, work area (RUMI_SANDBOX), PYTHONUNBUFFERED, the proxy's.
 
     `creds_file` and `work_area` are paths as the Pack sees them.  `container` adds what a read-only
     container needs: RUMI_READY_FILE (`READY_FILE`, the healthcheck), HOME on the tmpfs and no bytecode
     writes; a local process (`rumi dev`) leaves them out and passes its caller's HOME itself.
+    `heartbeat_interval` sets RUMI_HEARTBEAT_INTERVAL (seconds between status heartbeats; the SDK's
+    default, 5 s, when None).
     """
     env = {
         "RUMI_PACK_ID": pack_id,
@@ -49,6 +53,8 @@ def pack_environment(
         "RUMI_NATS_CREDS": creds_file,
         "RUMI_SANDBOX": os.fspath(work_area),
     }
+    if heartbeat_interval is not None:
+        env["RUMI_HEARTBEAT_INTERVAL"] = f"{heartbeat_interval:g}"
     if container:
         env["RUMI_READY_FILE"] = READY_FILE
         env["HOME"] = "/tmp"  # noqa: S108 - the container's private tmpfs

@@ -1,11 +1,19 @@
-"""`rumi audit verify` reports allowed decisions whose outcome was never recorded (a crash in between)."""
+"""Audit space and lost outcomes: the stream's size limit and its alarm; `verify` reports decisions with no outcome."""
 
 from __future__ import annotations
 
+import json
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
+import pytest
+
 from broker.audit.trail import AuditChain, audit_fields, utc_timestamp, verify_events
+from broker.core.workspace import Workspace
+
+from .conftest import connected_pack, running_broker
 
 
 def event(chain: AuditChain, rid: str, phase: str, *, age: float, decision: str = "allow", **extra: Any) -> dict[str, Any]:
@@ -37,3 +45,31 @@ def test_decisions_without_an_outcome_are_reported_once_old_enough() -> None:
     missing = report.missing_outcomes(older_than=35)
     assert [(rid, chain_id == chain.chain_id) for chain_id, rid, _ in missing] == [("lost", True), ("again", True)]
     assert [rid for _, rid, _ in report.missing_outcomes(older_than=0)] == ["lost", "again", "fresh"]
+
+
+@pytest.mark.anyio
+async def test_the_stream_has_the_configured_size_and_the_broker_alarms_near_it(
+    ws: Workspace, nats_server: object, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import broker.service.broker as service
+    from broker.bus.server import connect, ensure_audit_stream
+
+    cfg = json.loads(ws.config_file.read_text())
+    cfg.update(audit_max_bytes=64 * 1024 * 1024, audit_alarm_ratio=0.000001)  # one event sets it off
+    ws.config_file.write_text(json.dumps(cfg))
+    await ensure_audit_stream(ws)  # an existing stream takes the new limit
+    nc = await connect(ws, "admin")
+    try:
+        info = json.loads((await nc.request("$JS.API.STREAM.INFO.RUMI_AUDIT", b"", timeout=5)).data)
+    finally:
+        await nc.close()
+    assert info["config"]["max_bytes"] == 64 * 1024 * 1024 and info["config"]["discard"] == "new"
+    monkeypatch.setattr(service, "AUDIT_SPACE_POLL", 0.1)
+    caplog.set_level(logging.WARNING, logger="rumi.broker")
+    async with running_broker(ws) as broker, connected_pack(ws) as pack:
+        await pack.context("default:tool:my_tool").env_read("RUMI_DEMO_GREETING")
+        with anyio.fail_after(10):
+            while not any("ALARM: the audit stream" in r.getMessage() for r in caplog.records):
+                await anyio.sleep(0.05)
+        used, limit = broker.audit_usage
+        assert 0 < used < limit == 64 * 1024 * 1024

@@ -53,6 +53,10 @@ class RumiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     network_prefix_length: int = 28
     limits: AccountLimits = AccountLimits()
     broker: BrokerSettings = BrokerSettings()
+    # The audit stream never discards old events (discard: new): when it is full, requests are refused
+    # `unavailable`. The broker logs an alarm at `audit_alarm_ratio` of it.
+    audit_max_bytes: int = 8 * 1024**3
+    audit_alarm_ratio: float = 0.8
     packs: dict[str, PackSettings] = {}
 
 

@@ -16,10 +16,12 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import json
 import logging
 import re
 import secrets
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from broker.core import errors
 from broker.core.context import HandlerContext, Limits
 from broker.core.ids import CAPABILITY_RE, PACK_ID_RE
 from broker.core.protocol import (
+    AUDIT_STREAM,
     BROKER_QUEUE,
     PROTOCOL_VERSION,
     REQUEST_DECODER,
@@ -60,6 +63,7 @@ MAX_TARGET = 256
 PENDING_MSGS_LIMIT = 65_536
 PENDING_BYTES_LIMIT = 128 * 1024 * 1024
 PACK_POLL_INTERVAL = 1.0  # how often the broker looks for added or removed Packs
+AUDIT_SPACE_POLL = 10.0  # how often the broker checks how full the audit stream is
 
 Admit = Callable[["Msg", anyio.abc.TaskGroup], Coroutine[Any, Any, bool]]
 
@@ -260,6 +264,7 @@ class Broker:
         self._background: anyio.abc.TaskGroup | None = None
         self._pending_outcomes = 0
         self._readers: dict[str, PackReader] = {}
+        self.audit_usage: tuple[int, int] | None = None  # (bytes stored, limit), from the stream
         self._max_reply = 1024 * 1024
         self.stopping = anyio.Event()
 
@@ -294,6 +299,7 @@ class Broker:
                 self._background = tg
                 tg.start_soon(functools.partial(grants.watch, interval=self.cfg.broker.grant_poll_interval))
                 tg.start_soon(self._aggregator.run)
+                tg.start_soon(self._watch_audit_space, nc)
                 async with anyio.create_task_group() as requests:
                     await self._sync_pack_readers(requests)
                     log.info("broker %s serving %s", self.chain_id, REQUEST_WILDCARD)
@@ -330,6 +336,37 @@ class Broker:
                 log.error("cannot serve pack %s yet: %s", pack_id, exc)
         for pack_id in sorted(set(self._readers) - wanted):
             await self._readers.pop(pack_id).close()
+
+    async def _watch_audit_space(self, nc: Client) -> None:
+        """Log an alarm while the audit stream is over `audit_alarm_ratio` of its size limit."""
+        alarmed = False
+        while True:
+            try:
+                msg = await nc.request(f"$JS.API.STREAM.INFO.{AUDIT_STREAM}", b"", timeout=5)
+                info = json.loads(msg.data)
+                used = int(info["state"]["bytes"])
+                limit = int(info["config"].get("max_bytes", -1))
+            except Exception as exc:
+                log.debug("audit stream info unavailable: %s", type(exc).__name__)
+            else:
+                if limit <= 0:
+                    limit = self.cfg.audit_max_bytes
+                self.audit_usage = (used, limit)
+                over = used >= self.cfg.audit_alarm_ratio * limit
+                if over and not alarmed:
+                    log.warning(
+                        "ALARM: the audit stream %s holds %d of %d bytes (%.0f%%); when it is full every "
+                        "request is refused: export and archive it, then raise audit_max_bytes",
+                        AUDIT_STREAM, used, limit, 100 * used / limit,
+                    )  # fmt: skip
+                elif alarmed and not over:
+                    log.info(
+                        "audit stream %s back under %.0f%% of its limit",
+                        AUDIT_STREAM,
+                        100 * self.cfg.audit_alarm_ratio,
+                    )
+                alarmed = over
+            await anyio.sleep(AUDIT_SPACE_POLL)
 
     async def _watch_packs(self, requests: anyio.abc.TaskGroup) -> None:
         while not self.stopping.is_set():
@@ -717,47 +754,62 @@ WORKER_RESTART_DELAY = 1.0
 
 
 async def _supervise_workers(ws: Workspace, workers: int) -> None:
-    """Start `workers` worker processes, restart one that exits, stop them all on SIGTERM/SIGINT."""
-    import subprocess
+    """Start `workers` worker processes, restart one that exits, stop them all on SIGTERM/SIGINT.
+
+    Their output is relayed to ours; "serving" is announced once every worker serves.
+    """
     import sys
 
-    def start(i: int) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "broker.service.worker", str(ws.root), str(i), str(workers)]
-        return subprocess.Popen(argv)  # its output goes where ours goes
-
-    procs = [start(i) for i in range(workers)]
+    serving: set[int] = set()
+    announced = anyio.Event()
     stopping = anyio.Event()
+    procs: dict[int, anyio.abc.Process] = {}
 
-    async def watch() -> None:
-        ready = False
+    async def run(i: int) -> None:
+        argv = [sys.executable, "-m", "broker.service.worker", str(ws.root), str(i), str(workers)]
         while not stopping.is_set():
-            await anyio.sleep(0.2)
-            for i, proc in enumerate(procs):
-                if proc.poll() is not None and not stopping.is_set():
-                    log.error("broker worker %d exited with %s; starting it again", i, proc.returncode)
-                    await anyio.sleep(WORKER_RESTART_DELAY)
-                    procs[i] = start(i)
-            if not ready:
-                ready = True
-                print(f"rumi broker: serving with {workers} workers; Ctrl-C or SIGTERM stops", flush=True)
+            async with await anyio.open_process(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            ) as proc:
+                procs[i] = proc
+                assert proc.stdout is not None
+                buffered = b""
+                async for chunk in proc.stdout:
+                    buffered += chunk
+                    *lines, buffered = buffered.split(b"\n")
+                    for line in lines:
+                        sys.stdout.buffer.write(line + b"\n")
+                        if b": serving (chain" in line:
+                            serving.add(i)
+                    sys.stdout.flush()
+                    if len(serving) == workers and not announced.is_set():
+                        announced.set()
+                        print(
+                            f"rumi broker: serving with {workers} workers; Ctrl-C or SIGTERM stops",
+                            flush=True,
+                        )
+                code = await proc.wait()
+            serving.discard(i)
+            if stopping.is_set():
+                return
+            log.error("broker worker %d exited with %s; starting it again", i, code)
+            await anyio.sleep(WORKER_RESTART_DELAY)
 
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    print("rumi broker: draining in-flight requests…", flush=True)
-                    break
-            stopping.set()
-            tg.cancel_scope.cancel()
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = anyio.current_time() + 40
+    async with anyio.create_task_group() as tg:
+        for i in range(workers):
+            tg.start_soon(run, i)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                print("rumi broker: draining in-flight requests…", flush=True)
+                break
+        stopping.set()
         with anyio.CancelScope(shield=True):
-            for proc in procs:
-                while proc.poll() is None and anyio.current_time() < deadline:
-                    await anyio.sleep(0.05)
-                if proc.poll() is None:
+            for proc in procs.values():
+                if proc.returncode is None:
+                    proc.terminate()
+            with anyio.move_on_after(40):
+                for proc in procs.values():
+                    await proc.wait()
+            for proc in procs.values():
+                if proc.returncode is None:
                     proc.kill()

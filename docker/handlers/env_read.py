@@ -8,6 +8,7 @@ set there wins) or else from the broker's environment. Only keys listed exactly 
 # No `from __future__ import annotations`: msgspec must see real types even when the
 # broker loads this file without registering it in sys.modules.
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,17 +51,14 @@ def _unquote(value: str) -> str:
     return value
 
 
-def _from_secrets_file(workspace_root: Path, key: str) -> str | None:
-    """The value of `key` in the secrets file, or None when the file or the key is absent."""
-    path = Path(workspace_root, *SECRETS_FILE)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError):
-        # Say nothing about the content: it holds secrets.
-        raise HandlerFailed("the broker's secrets file cannot be read") from None
-    found: str | None = None
+# path -> (stamp, parsed assignments): the file is parsed again only when its stamp changes.
+_CACHE: dict[Path, tuple[tuple[int, int, int, int], dict[str, str]]] = {}
+# A file changed within this many ns of its mtime may have been changed again in the same tick: re-read.
+_RACY_NS = 2_000_000_000
+
+
+def _parse(text: str) -> dict[str, str]:
+    found: dict[str, str] = {}
     for line in text.splitlines():
         stripped = line.strip()
         if not stripped or stripped.startswith("#") or "=" not in stripped:
@@ -69,9 +67,28 @@ def _from_secrets_file(workspace_root: Path, key: str) -> str | None:
         name = name.strip()
         if name.startswith("export "):
             name = name[len("export ") :].strip()
-        if name == key:
-            found = _unquote(value.strip())  # the last assignment wins, as in a shell
+        found[name] = _unquote(value.strip())  # the last assignment wins, as in a shell
     return found
+
+
+def _from_secrets_file(workspace_root: Path, key: str) -> str | None:
+    """The value of `key` in the secrets file, or None when the file or the key is absent."""
+    path = Path(workspace_root, *SECRETS_FILE)
+    try:
+        st = os.stat(path)
+        stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+        cached = _CACHE.get(path)
+        if cached is not None and cached[0] == stamp and time.time_ns() - st.st_mtime_ns > _RACY_NS:
+            return cached[1].get(key)
+        values = _parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        _CACHE.pop(path, None)
+        return None
+    except (OSError, UnicodeDecodeError):
+        # Say nothing about the content: it holds secrets.
+        raise HandlerFailed("the broker's secrets file cannot be read") from None
+    _CACHE[path] = (stamp, values)
+    return values.get(key)
 
 
 def authorize(grant: Mapping[str, Any], args: EnvReadArgs) -> None:

@@ -43,21 +43,9 @@ from broker.core.workspace import Workspace
 from pack_runtime import Pack
 
 from .conftest import say
+from .test_isolation import OTHER_PACK
 
-SMALL_PACK = '''
-from pack_runtime import Pack
-
-pack = Pack()
-
-
-@pack.tool("echo")
-async def echo(ctx, args):
-    return args
-
-
-if __name__ == "__main__":
-    pack.run()
-'''
+SMALL_PACK = OTHER_PACK  # one tool, `echo`, no requirements
 
 
 # ------------------------------------------------------------------------------------------- unit

@@ -37,7 +37,6 @@ import ipaddress
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -928,58 +927,16 @@ class DockerRuntime:
         raise RuntimeSetupError(f"cannot create network {name}: {last_error}")
 
     def install_guards(self, bridges: Sequence[str]) -> None:
-        """The host guard on every bridge in `bridges`, batched: per tool, one listing of INPUT, one
-        `iptables-restore --noflush` inserting every missing rule, one listing to check; then IPv6 off.
+        """The host guard on every bridge in `bridges`, batched (`guard.install_guards`)."""
+        from broker.containers.guard import install_guards
 
-        The same rules `guard.install_guard` makes one bridge at a time (100 bridges: 4 calls, not 600).
-        """
-        from broker.containers import guard as _guard
-
-        wanted = sorted(set(bridges))
-        if not wanted:
-            return
-        for bridge in wanted:
-            _guard._check_bridge(bridge)
-        comment = _guard.guard_comment(self.tag)
-        for tool in _guard._tools_for_host():
-            present = _guard_rules(tool, comment)
-            missing = [b for b in wanted if b not in present]
-            if missing:
-                _restore(
-                    tool,
-                    ["*filter", *(shlex.join(["-I", *_guard._rule(b, self.tag)]) for b in missing), "COMMIT"],
-                )
-                present = _guard_rules(tool, comment)
-                left = [b for b in missing if b not in present]
-                if left:
-                    raise _guard.GuardError(f"the {tool} guard rules for {', '.join(left)} did not stick")
-        if _guard._ipv6_present():
-            for bridge in wanted:
-                if (_guard._PROC_IPV6 / bridge).is_dir():
-                    _guard._disable_ipv6(bridge)
+        install_guards(bridges, self.tag)
 
     def remove_guards(self, bridges: Iterable[str] = ()) -> list[str]:
-        """Remove every guard rule of this workspace (every copy), batched like `install_guards`.
+        """Remove every guard rule of this workspace; the bridges that had one, and those in `bridges`."""
+        from broker.containers.guard import remove_guards
 
-        Returns the bridges that had one, and those in `bridges`.
-        """
-        from broker.containers import guard as _guard
-
-        comment = _guard.guard_comment(self.tag)
-        done: set[str] = set(bridges)
-        for tool in _guard._tools_for_host():
-            rules = _guard_rules(tool, comment)
-            if not rules:
-                continue
-            done.update(rules)
-            lines = ["*filter"]
-            for bridge, copies in sorted(rules.items()):
-                lines += [shlex.join(["-D", *_guard._rule(bridge, self.tag)])] * copies
-            _restore(tool, [*lines, "COMMIT"])
-            left = _guard_rules(tool, comment)
-            if left:
-                raise _guard.GuardError(f"the {tool} guard rules for {', '.join(sorted(left))} did not go")
-        return sorted(done)
+        return remove_guards(self.tag, bridges)
 
     # -- NATS
 
@@ -1750,42 +1707,6 @@ def nats_answers(host: str, port: int) -> bool:
             return sock.recv(5) == b"INFO "
     except OSError:
         return False
-
-
-def _guard_rules(tool: str, comment: str) -> dict[str, int]:
-    """Bridges with a DROP rule carrying `comment` in `tool`'s INPUT chain, and how many (one `-S INPUT`)."""
-    from broker.containers import guard as _guard
-
-    done = _guard._run(tool, ["-S", "INPUT"])
-    if done.returncode != 0:
-        raise _guard.GuardError(f"{tool} -S INPUT failed: {_guard._last_line(done)}")
-    found: dict[str, int] = {}
-    for line in done.stdout.splitlines():
-        parts = shlex.split(line)
-        if "--comment" not in parts or "-i" not in parts or parts[-2:] != ["-j", "DROP"]:
-            continue
-        bridge = parts[parts.index("-i") + 1]
-        # Exact match on the comment, and only bridges Rumi names: nothing else is ever deleted.
-        if parts[parts.index("--comment") + 1] == comment and _guard.BRIDGE_RE.match(bridge):
-            found[bridge] = found.get(bridge, 0) + 1
-    return found
-
-
-def _restore(tool: str, lines: Sequence[str]) -> None:
-    """Apply `lines` in one `<tool>-restore --noflush` transaction (waits for the xtables lock)."""
-    from broker.containers import guard as _guard
-
-    argv = [_guard._tool(f"{tool}-restore"), "-w", "10", "--noflush"]
-    try:
-        done = subprocess.run(
-            argv, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise _guard.GuardError(f"{tool}-restore did not finish within 60 s") from None
-    if done.returncode != 0:
-        raise _guard.GuardError(
-            f"{tool}-restore of {len(lines) - 2} guard rules failed: {_guard._last_line(done)}"
-        )
 
 
 def guard_status(ws: Workspace, client: Any | None = None) -> dict[str, BridgeGuard]:

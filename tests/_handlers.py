@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 
 from broker.core.context import HandlerContext, Limits
-from broker.core.errors import Denied, InvalidRequest
+from broker.core.errors import Denied
 from broker.policy.plugins import HandlerPlugin, load_handler_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,10 +65,7 @@ class LoadedHandler:
         ctx = as_context(context)
         if ctx.grant.get("enabled") is not True:
             raise Denied(f"no grant for {self.plugin.name}")
-        try:
-            converted = self.plugin.convert_args(args)
-        except msgspec.ValidationError as exc:
-            raise InvalidRequest(f"invalid arguments: {exc}") from None
+        converted = self.plugin.convert_args(args)
         if self.plugin.authorize is not None:
             self.plugin.authorize(ctx.grant, converted)
         result = self.plugin.execute(ctx, converted)

@@ -28,7 +28,7 @@ from pathlib import Path
 from broker.bus.creds import ROLES, Identity, ensure_identity, pack_identity
 from broker.core.atomic import write_atomic
 from broker.core.errors import NatsSetupError
-from broker.core.ids import is_pack_id
+from broker.core.ids import PACK_ACCOUNT_PREFIX, is_pack_id
 from broker.core.protocol import AUDIT_STREAM, STATUS_STREAM, STATUS_WILDCARD, status_subject
 from broker.core.workspace import RumiConfig, Workspace
 
@@ -49,7 +49,7 @@ def account_name(pack_id: str) -> str:
     in `Nats-Request-Info`.
     """
     _check_pack_id(pack_id)
-    return f"PACK_{pack_id}"
+    return PACK_ACCOUNT_PREFIX + pack_id
 
 
 pack_account = account_name

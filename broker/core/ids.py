@@ -27,3 +27,15 @@ def parse_component_id(component_id: str) -> tuple[str, str, str]:
     if name != "_" and not COMPONENT_NAME_RE.match(name):
         raise ValueError(f"component id {component_id!r}: name must match {COMPONENT_NAME_RE.pattern}")
     return pack_id, type_, name
+
+
+PACK_ACCOUNT_PREFIX = "PACK_"
+"""A Pack's NATS account is `PACK_<pack_id>`, verbatim: the server stamps it on every request."""
+
+
+def pack_of_account(account: str) -> str:
+    """The pack id of a Pack's account name (`PACK_<pack_id>`), or '' for any other account."""
+    if not account.startswith(PACK_ACCOUNT_PREFIX):
+        return ""
+    pack_id = account[len(PACK_ACCOUNT_PREFIX) :]
+    return pack_id if is_pack_id(pack_id) else ""

@@ -41,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from broker.core.errors import PluginError
+from broker.core.errors import InvalidRequest, PluginError
 
 __all__ = [
     "HANDLER_NAME_RE",
@@ -106,11 +106,14 @@ class HandlerPlugin:
     def convert_args(self, args: Mapping[str, Any]) -> Any:
         """The request's args as the handler takes them: validated into `args_schema`, or a plain dict.
 
-        Raises msgspec.ValidationError when they do not fit the schema.
+        Raises InvalidRequest (with msgspec's message, which names the field) when they do not fit.
         """
         if self.args_schema is None:
             return dict(args)
-        return msgspec.convert(dict(args), self.args_schema)
+        try:
+            return msgspec.convert(dict(args), self.args_schema)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(f"invalid arguments: {exc}") from None
 
 
 def display_path(path: Path) -> str:

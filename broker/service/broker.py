@@ -166,13 +166,6 @@ def pack_worker(pack_id: str, workers: int) -> int:
     return int(hashlib.sha256(pack_id.encode()).hexdigest()[:8], 16) % workers
 
 
-def pack_account(pack_id: str) -> str:
-    """Name of a Pack's NATS account (must match the config generator)."""
-    from broker.bus.config import account_name
-
-    return account_name(pack_id)
-
-
 class _PeekId(msgspec.Struct):
     """Only the request id, leniently: to address a refusal made before the strict decode."""
 
@@ -448,7 +441,6 @@ class Broker:
 
     async def _throttle(self, lane: PackLane, rec: RequestRecord, message: str) -> bytes:
         # Never waits: counted into the Pack's aggregate event for this second.
-        lane.rate_limited += 1
         await self._aggregator.add(rec.fields("deny", "rate_limited"), key=lane.account)
         return error_reply(rec.reply_id, "rate_limited", message)
 
@@ -474,7 +466,7 @@ class Broker:
             raise errors.UnknownCapability("malformed capability name")
         # The server stamps the requester's account on imported service requests; a request
         # that did not come through that Pack's account import is not that Pack's.
-        if lane.account != pack_account(pack_id):
+        if lane.pack_id != pack_id:
             raise errors.Denied("request did not come from this Pack's account")
 
     async def _decide_and_run(self, msg: Msg, lane: PackLane, rec: RequestRecord) -> bytes:
@@ -484,7 +476,7 @@ class Broker:
         decision = self._policy.decide(rec.pack_id, req.component_id, rec.capability)
         plugin = decision.plugin
         raw = dict(req.args)
-        args = self._validated_args(plugin, raw)
+        args = plugin.convert_args(raw)
         rec.target = self._target(plugin, raw)
         if plugin.authorize is not None:
             plugin.authorize(decision.grant, args)  # pure: raises Denied before anything is recorded
@@ -553,13 +545,6 @@ class Broker:
         return req
 
     @staticmethod
-    def _validated_args(plugin: HandlerPlugin, raw: Mapping[str, Any]) -> Any:
-        try:
-            return plugin.convert_args(raw)
-        except msgspec.ValidationError as exc:
-            raise errors.InvalidRequest(f"invalid arguments: {exc}") from None
-
-    @staticmethod
     def _target(plugin: HandlerPlugin, raw: dict[str, Any]) -> str:
         try:
             return str(plugin.target(raw))[:MAX_TARGET]
@@ -601,7 +586,7 @@ class Broker:
             workspace_root=self.ws.root,
             record_outcome=record_outcome,
             current_grant=current_grant,
-            run_blocking=functools.partial(anyio.to_thread.run_sync, limiter=lane.threads),
+            run_blocking=lane.run_blocking,
         )
 
     async def _run_handler(
@@ -691,7 +676,6 @@ class Broker:
     async def _refuse(self, lane: PackLane, rec: RequestRecord, exc: errors.RequestError) -> bytes:
         """One `deny` event for a refused request, or, past the Pack's refusals per second, its aggregate."""
         assert self._audit is not None
-        lane.refused += 1
         fields = rec.fields("deny", exc.code, phase="decision", message=exc.message)
         if not self.lanes.record_individually(lane):
             await self._aggregator.add(fields, key=lane.account)

@@ -13,19 +13,19 @@ another Pack in them, still spends its own lane. Each lane holds:
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
-from broker.core.ids import is_pack_id
+from broker.core.ids import pack_of_account
 from broker.service.ratelimit import TokenBuckets
 
-__all__ = ["ACCOUNT_PREFIX", "LaneSettings", "Lanes", "PackLane", "stamped_account"]
-
-ACCOUNT_PREFIX = "PACK_"  # broker.bus.config.account_name: PACK_<pack_id>, verbatim
+__all__ = ["LaneSettings", "Lanes", "PackLane", "stamped_account"]
 
 
 def stamped_account(headers: dict[str, str] | None) -> str:
@@ -59,12 +59,13 @@ class PackLane:
     pack_id: str  # from the account name; '' when the account is not a Pack's
     threads: anyio.CapacityLimiter
     in_flight: int = 0
+    # `await run_blocking(fn, *args)`: fn in this lane's threads (handed to handlers, made once per lane)
+    run_blocking: Callable[..., Awaitable[Any]] = field(init=False)
     refusal_window: float = 0.0
     refusals_in_window: int = 0
-    served: int = 0
-    refused: int = 0
-    rate_limited: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_blocking = functools.partial(anyio.to_thread.run_sync, limiter=self.threads)
 
 
 class Lanes:
@@ -79,10 +80,9 @@ class Lanes:
         """The lane of `account` (server-stamped; '' for requests that carry no stamp)."""
         lane = self._lanes.get(account)
         if lane is None:
-            pack_id = account[len(ACCOUNT_PREFIX) :] if account.startswith(ACCOUNT_PREFIX) else ""
             lane = PackLane(
                 account=account,
-                pack_id=pack_id if is_pack_id(pack_id) else "",
+                pack_id=pack_of_account(account),
                 threads=anyio.CapacityLimiter(self.settings.threads),
             )
             self._lanes[account] = lane
@@ -104,6 +104,3 @@ class Lanes:
             lane.refusals_in_window = 0
         lane.refusals_in_window += 1
         return lane.refusals_in_window <= self.settings.individual_refusals
-
-    def __iter__(self) -> Any:
-        return iter(list(self._lanes.values()))

@@ -8,6 +8,8 @@ Hierarchy::
     │   ├── ScopeError             a scope file is invalid
     │   └── PluginError            a handler plugin is malformed (refused at load)
     ├── NatsSetupError             the NATS server or its config could not be made to work
+    ├── RuntimeSetupError          containers, networks or the broker process could not be set up
+    │   └── EngineUnavailable      no Docker engine answers
     ├── AuditError                 an audit event could not be stored or read
     │   └── ChainBroken            `rumi audit verify` found a changed, missing or reordered event
     └── RequestError               a request is refused; carries a contract error code

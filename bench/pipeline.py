@@ -77,7 +77,8 @@ RECORD_BYTES = 480  # about the size of one canonical-JSON audit event
 ECHO_PAYLOAD = b"x" * 64
 FILE_BYTES = 1024
 WRITE_DATA = b"w" * FILE_BYTES
-PATHS = ("echo", "floor", "file_read", "env_read", "denied")
+PATHS = ("echo", "floor", "file_read", "env_read", "denied", "file_read_packs")
+BROKER_PATHS = ("file_read", "env_read", "denied", "file_read_packs")
 SUSTAIN_KINDS = ("file_read", "env_read", "file_write", "denied")
 LABELS = {
     "echo": "bare nats-py echo (cli -> Pack import -> responder)",
@@ -86,6 +87,7 @@ LABELS = {
     "file_read": "broker file_read 1 KiB (granted)",
     "env_read": "broker env_read (granted key)",
     "denied": "broker env_read, key not granted",
+    "file_read_packs": "broker file_read 1 KiB, spread over --packs Packs",
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -509,6 +511,28 @@ async def measure(env: Env) -> dict[str, Any]:
                 return
             raise RuntimeError("not denied")
 
+        # --packs N: N Packs (default + bench1..), each with its own connection and lane; requests go
+        # round-robin over them, so `--workers` can spread them (a Pack's lane lives in one worker).
+        extra = [f"bench{i}" for i in range(1, a.packs)]
+        extra_ncs = []
+        targets = [(ctx, read_path)]
+        for pid in extra:
+            other = Pack(
+                pid, nats_url=a.url, creds=str(pack_identity(ws, pid).seed_path), request_timeout=a.timeout
+            )
+            extra_ncs.append(await other.connect())
+            await wait_broker(other, env.broker, 60)
+            targets.append(
+                (other.context(f"{pid}:tool:my_tool"), str(ws.pack_work_area(pid) / "bench-1k.bin"))
+            )
+        turn = itertools.count()
+
+        async def file_read_packs() -> None:
+            octx, opath = targets[next(turn) % len(targets)]
+            data = await octx.file_read(opath)
+            if len(data) != FILE_BYTES:
+                raise RuntimeError("short read")
+
         write_seq = itertools.count()
 
         async def file_write() -> None:
@@ -521,6 +545,7 @@ async def measure(env: Env) -> dict[str, Any]:
             "file_read": file_read,
             "env_read": env_read,
             "denied": denied,
+            "file_read_packs": file_read_packs,
             "file_write": file_write,
         }
         # Sanity: each path does what it says before anything is timed.  The tree is being changed:
@@ -536,14 +561,15 @@ async def measure(env: Env) -> dict[str, Any]:
         self_probe = CpuProbe(os.getpid())
         server_probe = CpuProbe(env.server_pid)
         results: dict[str, Any] = {"paths": {}}
-        for name in ("echo", "js_alone", "floor", "file_read", "env_read", "denied"):
+        measured = ["echo", "js_alone", "floor", "file_read", "env_read", "denied"]
+        if a.packs > 1:
+            measured.append("file_read_packs")
+        for name in measured:
             fn = fns[name]
             if name in broken:
                 results["paths"][name] = {"label": LABELS[name], "skipped": broken[name]}
                 continue
-            answering = (
-                env.broker_probe if name in ("file_read", "env_read", "denied") else env.responder.probe
-            )
+            answering = env.broker_probe if name in BROKER_PATHS else env.responder.probe
             if name == "js_alone":
                 answering = CpuProbe(None)
             log(f"[{name}] warm-up, then {a.n} sequential requests")
@@ -593,6 +619,8 @@ async def measure(env: Env) -> dict[str, Any]:
                 results["sustain"] = {"error": f"{type(exc).__name__}: {exc}"}
         return results
     finally:
+        for extra_nc in locals().get("extra_ncs", []):
+            await extra_nc.close()
         await pack_nc.close()
         await cli.close()
 
@@ -844,7 +872,7 @@ def ratios(paths: dict[str, Any]) -> dict[str, Any]:
         "file_read_p50_over_floor_p50": div(p50("file_read"), p50("floor")),
         "env_read_p50_over_floor_p50": div(p50("env_read"), p50("floor")),
     }
-    for name in ("file_read", "env_read", "denied", "floor"):
+    for name in ("file_read", "env_read", "denied", "floor", "file_read_packs"):
         out[f"{name}_rps_c32_over_echo_rps_c32"] = div(rps(name, 32), rps("echo", 32))
     return out
 
@@ -885,8 +913,10 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"Latency at c=1 ({res['params']['n']} sequential requests per path)")
     print(f"  {'path':52} {'p50 ms':>8} {'p99 ms':>8} {'x echo':>7}  errors")
     echo50 = paths.get("echo", {}).get("c1", {}).get("p50_ms")
-    for name in ("echo", "js_alone", "floor", "file_read", "env_read", "denied"):
+    for name in ("echo", "js_alone", "floor", "file_read", "env_read", "denied", "file_read_packs"):
         entry = paths.get(name, {})
+        if not entry:
+            continue
         if "skipped" in entry:
             print(f"  {LABELS[name]:52} skipped: {entry['skipped']}")
             continue
@@ -903,19 +933,23 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"  {'path':12}{head}")
     for name in PATHS:
         pts = {p["c"]: p for p in paths.get(name, {}).get("ladder", [])}
-        print(f"  {name:12}" + "".join(f"{fmt(pts.get(c, {}).get('rps'), '.0f'):>8}" for c in ladder))
+        if pts:
+            print(f"  {name:12}" + "".join(f"{fmt(pts.get(c, {}).get('rps'), '.0f'):>8}" for c in ladder))
     print()
     print("p50 latency at each concurrency, ms")
     print(f"  {'path':12}{head}")
     for name in PATHS:
         pts = {p["c"]: p for p in paths.get(name, {}).get("ladder", [])}
-        print(f"  {name:12}" + "".join(f"{fmt(pts.get(c, {}).get('p50_ms'), '.2f'):>8}" for c in ladder))
+        if pts:
+            print(f"  {name:12}" + "".join(f"{fmt(pts.get(c, {}).get('p50_ms'), '.2f'):>8}" for c in ladder))
     print()
     print("CPU per request, us (utime+stime from /proc/<pid>/stat over each throughput point)")
     print(f"  {'path / process':26}{head}")
     for name in PATHS:
         pts = {p["c"]: p for p in paths.get(name, {}).get("ladder", [])}
-        who = "broker" if name in ("file_read", "env_read", "denied") else "responder"
+        if not pts:
+            continue
+        who = "broker" if name in BROKER_PATHS else "responder"
         for proc, key in ((who, "answering"), ("nats-server", "nats_server"), ("client", "client")):
             row = "".join(
                 f"{fmt(pts.get(c, {}).get('cpu_us_per_req', {}).get(key), '.0f'):>8}" for c in ladder
@@ -1021,6 +1055,12 @@ def parse_args() -> argparse.Namespace:
         "--sustain-concurrency", type=int, default=0, help="max in flight (default: c of the peak)"
     )
     ap.add_argument("--workers", type=int, default=0, help="pass --workers N to `rumi broker` if it has it")
+    ap.add_argument(
+        "--packs",
+        type=int,
+        default=1,
+        help="also measure file_read spread round-robin over N Packs (default 1: not measured)",
+    )
     ap.add_argument("--sync", default="always", help="JetStream sync_interval (default: always, as shipped)")
     ap.add_argument(
         "--broker-set",
@@ -1063,6 +1103,24 @@ def prepare_workspace(root: Path, a: argparse.Namespace, port: int) -> Workspace
     for role in ("cli", "admin", "audit", "broker"):
         ensure_identity(ws, role)
     pack_identity(ws, PACK_ID)
+    grant = ws.grant_file(COMPONENT).read_text()
+    for i in range(1, a.packs):
+        pid = f"bench{i}"
+        src = ws.ecosystem / PACK_ID
+        dst = ws.ecosystem / pid
+        shutil.copytree(src, dst)
+        manifest = json.loads((dst / "pack.json").read_text())
+        manifest["id"] = pid
+        manifest.pop("permissions", None)
+        (dst / "pack.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        area = ws.pack_work_area(pid)
+        area.mkdir(parents=True, exist_ok=True)
+        (area / "bench-1k.bin").write_bytes(os.urandom(FILE_BYTES))
+        text = grant.replace(COMPONENT, f"{pid}:tool:my_tool").replace(
+            str(ws.pack_work_area(PACK_ID)), str(area)
+        )
+        ws.grant_file(f"{pid}:tool:my_tool").write_text(text)
+        pack_identity(ws, pid)
     return ws
 
 

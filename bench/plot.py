@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PATHS = ("echo", "floor", "file_read", "env_read", "denied")
+PATHS = ("echo", "floor", "file_read", "env_read", "denied", "file_read_packs")
 STYLE = {
     "echo": dict(color="tab:gray", marker="o"),
     "floor": dict(color="black", marker="s", linestyle="--"),
     "file_read": dict(color="tab:blue", marker="^"),
     "env_read": dict(color="tab:green", marker="v"),
     "denied": dict(color="tab:red", marker="x"),
+    "file_read_packs": dict(color="tab:purple", marker="D", linestyle=":"),
 }
 
 

@@ -80,7 +80,11 @@ async def test_allowed_and_denied_requests_are_answered_and_audited(
         with pytest.raises(PermissionDenied):
             await pack.context().file_read(f"{sandbox}/a.txt")
         chain = broker.chain_id
-    events = await audit_events(ws, 10)
+    events = await audit_events(ws, 11)
+    # The broker stopped cleanly: its chain ends with a signed checkpoint covering every event before it.
+    *events, last = events
+    assert last.get("phase") == "checkpoint" and last["chain"] == chain
+    assert last["seq"] == len(events) + 1 and last["extra"]["seq"] == len(events)
     by_request: dict[str, list[dict[str, Any]]] = {}
     for e in events:
         by_request.setdefault(e["request_id"], []).append(e)

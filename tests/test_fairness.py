@@ -7,12 +7,15 @@ all traffic stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -130,8 +133,48 @@ class BrokerProcess:
             self.proc.wait(5)
 
 
+class PackCpuLimit:
+    """A cgroup (v1 cpu controller) with the CFS quota Docker gives a Pack container (`cpus`).
+
+    A Pack floods from inside its container, with its CPU limit: the flooding process gets the same
+    limit here, so the test measures what a Pack can do to another, not what an unconfined host process
+    can do to a 2-core machine.
+    """
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def make(cls, cpus: float) -> PackCpuLimit | None:
+        if not (cls.ROOT / "cpu.cfs_quota_us").exists() or not os.access(cls.ROOT, os.W_OK):
+            return None
+        path = cls.ROOT / f"rumi-test-flood-{os.getpid()}"
+        try:
+            path.mkdir(exist_ok=True)
+            (path / "cpu.cfs_period_us").write_text("100000")
+            (path / "cpu.cfs_quota_us").write_text(str(int(cpus * 100_000)))
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            return None
+        return cls(path)
+
+    def join(self) -> None:
+        """In the child, before exec: move this process into the cgroup."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
+VICTIM_RATE = 100.0  # reads/s: under the victim's own token bucket (200/s), so its refusals are the flood's
+
+
 async def victim_reads(ws: Workspace, *, count: int | None = None, until: float | None = None) -> dict[str, Any]:
-    """Sequential granted env_reads of the victim Pack: latencies (s) and failures."""
+    """Sequential granted env_reads of the victim Pack, at most VICTIM_RATE a second: latencies (s), failures."""
     from broker.bus.creds import pack_identity
     from broker.bus.server import nats_url
     from pack_runtime import Pack
@@ -155,6 +198,7 @@ async def victim_reads(ws: Workspace, *, count: int | None = None, until: float 
             except Exception as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
             i += 1
+            await anyio.sleep(max(0.0, start + 1 / VICTIM_RATE - time.perf_counter()))
     finally:
         await nc.close()
     return {"latencies": latencies, "failures": failures}
@@ -185,11 +229,14 @@ async def test_a_flooding_pack_does_not_reach_another_pack(ws: Workspace, pytest
         assert not quiet["failures"], quiet["failures"][:3]
         before = await events_by_pack(ws)
         seed = str(pack_identity(ws, ATTACKER).seed_path)
+        cpus = ws.load_config().cpus
+        limit = PackCpuLimit.make(cpus)
         flood = subprocess.Popen(
             [sys.executable, "-c", FLOOD, nats_url(ws), seed, str(FLOOD_SECONDS)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=limit.join if limit else None,
         )
         try:
             await anyio.sleep(0.5)  # the flood is under way
@@ -199,6 +246,8 @@ async def test_a_flooding_pack_does_not_reach_another_pack(ws: Workspace, pytest
             if flood.poll() is None:
                 flood.kill()
                 flood.wait(5)
+            if limit:
+                limit.remove()
         assert flood.returncode == 0, err[-2000:]
         sent = json.loads(out.strip().splitlines()[-1])
         await anyio.sleep(2.5)  # aggregates of the last windows are written
@@ -215,7 +264,12 @@ async def test_a_flooding_pack_does_not_reach_another_pack(ws: Workspace, pytest
         f"\nfairness: flood sent {sent}; victim {len(loud['latencies'])} reads, {len(loud['failures'])} failures, "
         f"p50 {loud_p50 * 1000:.2f} ms vs quiet {quiet_p50 * 1000:.2f} ms ({loud_p50 / quiet_p50:.2f}x), "
         f"max {max(loud['latencies'] or [0]) * 1000:.0f} ms; "
-        f"attacker's audit events {growth} in {FLOOD_SECONDS:.0f} s ({growth / FLOOD_SECONDS:.1f}/s)",
+        f"attacker's audit events {growth} in {FLOOD_SECONDS:.0f} s ({growth / FLOOD_SECONDS:.1f}/s); "
+        + (
+            f"the flooding process had a Pack's CPU limit ({cpus:g} CPU, CFS quota as Docker sets it)"
+            if limit
+            else "the flooding process ran WITHOUT a CPU limit (no writable cgroup v1 cpu controller)"
+        ),
     )
     assert broker_alive, log[-3000:]
     assert "slow consumer" not in log.lower(), log[-3000:]
@@ -224,6 +278,7 @@ async def test_a_flooding_pack_does_not_reach_another_pack(ws: Workspace, pytest
     assert len(loud["latencies"]) >= 20
     assert growth <= 50 * FLOOD_SECONDS, growth
     # No read of the other Pack waited anything like a timeout (before per-Pack lanes one was lost to
-    # its 30 s timeout). The p50 ratio is printed, not asserted: its target is 2x, and on this 2-core
-    # machine, where the flood process itself takes a core, full-suite runs measured 2.8-7.9x.
+    # its 30 s timeout). The p50 ratio is printed, not asserted (a speed figure; its target is 2x, see
+    # BENCHMARKS.md): with the flood confined to a Pack's CPU limit it measured 1.5-2.4x on this shared
+    # 2-core machine, 2.8-7.9x when the flooding process was an unconfined host process taking a core.
     assert max(loud["latencies"]) < 2.0, max(loud["latencies"])

@@ -23,10 +23,12 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any, Final
+
+import msgspec
 
 from broker.core.errors import AuditError, ChainBroken
 from broker.core.ids import is_pack_id
@@ -34,6 +36,7 @@ from broker.core.protocol import AUDIT_STREAM, AUDIT_SUBJECTS, audit_subject
 
 __all__ = [
     "AUDIT_VERSION",
+    "CHECKPOINT_PHASE",
     "DECISIONS",
     "ZERO_HASH",
     "AuditChain",
@@ -60,7 +63,11 @@ log = logging.getLogger(__name__)
 AUDIT_VERSION: Final = 1
 ZERO_HASH: Final = "0" * 64
 DECISIONS: Final = ("allow", "deny", "error")
-PHASES: Final = ("decision", "outcome", "complete")
+# `ask`: a request held for an operator's answer (ask mode); its `decision` event follows it.
+PHASES: Final = ("decision", "outcome", "complete", "ask")
+# A broker's signed checkpoint (broker/audit/checkpoint.py): written by the broker itself, never via
+# `audit_fields`, so no request can produce one.
+CHECKPOINT_PHASE: Final = "checkpoint"
 # Fields the chain owns; callers never set them.
 CHAIN_FIELDS: Final = ("chain", "seq", "prev_hash", "hash")
 REQUIRED_FIELDS: Final = (
@@ -77,8 +84,47 @@ _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 # ----------------------------------------------------------------------------------------- events
 
 
+_SORTED_JSON = msgspec.json.Encoder(order="sorted")
+# Where msgspec and json.dumps format a float differently (exponent notation: 1e-07 vs 1e-7).
+_PLAIN_FLOAT_MIN, _PLAIN_FLOAT_MAX = 1e-4, 1e16
+
+
+def _plain(value: Any) -> bool:
+    """True if `value` is a float both encoders write alike (NaN and infinities are not)."""
+    return bool(value == 0.0 or _PLAIN_FLOAT_MIN <= abs(value) < _PLAIN_FLOAT_MAX)
+
+
+def _fast_encodable(event: Mapping[str, Any]) -> bool:
+    for value in event.values():
+        kind = type(value)
+        if kind is float:
+            if not _plain(value):
+                return False
+        elif kind is dict:
+            for inner in value.values():
+                if type(inner) is float:
+                    if not _plain(inner):
+                        return False
+                elif type(inner) in (dict, list):
+                    return False
+        elif kind is list or kind is tuple:
+            return False
+    return True
+
+
 def canonical_json(event: Mapping[str, Any]) -> bytes:
-    """The exact bytes an event is hashed (and stored) as: sorted keys, no spaces, UTF-8, no NaN."""
+    """The exact bytes an event is hashed (and stored) as: sorted keys, no spaces, UTF-8, no NaN.
+
+    Defined as ``json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    allow_nan=False).encode()``. Events of the usual shape (flat, scalars, `extra` one level deep)
+    are encoded by msgspec, which writes exactly these bytes for them (tests/test_audit.py checks it);
+    anything else goes through `json.dumps` itself.
+    """
+    if _fast_encodable(event):
+        try:
+            return _SORTED_JSON.encode(event)
+        except (TypeError, ValueError, OverflowError):
+            pass
     return json.dumps(
         dict(event), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
@@ -90,10 +136,19 @@ def event_hash(event: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
 def utc_timestamp(when: datetime | None = None) -> str:
     """RFC 3339 UTC with microseconds, e.g. ``2026-11-28T10:00:00.123456Z``."""
-    moment = when.astimezone(UTC) if when is not None else datetime.now(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if when is not None:
+        return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = time.time_ns() // 1000
+    seconds, micros = divmod(now, 1_000_000)
+    if seconds != _second[0]:
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second[0] = seconds
+    return f"{_second[1]}.{micros:06d}Z"
 
 
 def _cap(text: str) -> str:
@@ -212,16 +267,84 @@ def _subject_token(value: Any) -> str:
     return text if _TOKEN_RE.match(text) else "_invalid"
 
 
-class AuditWriter:
-    """Seals events and stores them in JetStream, each `record` awaiting its own ack (pipelined)."""
+class _AckReply(msgspec.Struct):
+    """A JetStream publish acknowledgement (or its error), leniently: only what the writer checks."""
 
-    def __init__(self, js: Any, chain: AuditChain, timeout: float = 2.0, retry_delay: float = 0.05) -> None:
-        self._js = js
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_ACK_DECODER = msgspec.json.Decoder(_AckReply)
+
+
+class _Waiter:
+    """One sealed event on its way into the stream: sent (at most twice), then acked or failed."""
+
+    __slots__ = ("caller", "deadline", "event", "msg_id", "payload", "retried", "subject")
+
+    def __init__(
+        self,
+        subject: str,
+        payload: bytes,
+        msg_id: str,
+        event: dict[str, Any],
+        caller: asyncio.Future[dict[str, Any]] | None,
+        deadline: float,
+    ) -> None:
+        self.subject = subject
+        self.payload = payload
+        self.msg_id = msg_id
+        self.event = event
+        self.caller = caller
+        self.deadline = deadline
+        self.retried = False
+
+
+class AuditWriter:
+    """Seals events and stores them in JetStream: group commit by one writer task, one ack subscription.
+
+    `record` queues its fields for the writer task and waits for that event's acknowledgement. The
+    writer takes every event that concurrent requests queued meanwhile, seals them in order (stream
+    order = chain order), publishes them back to back (they leave in one socket write), and resolves
+    each waiter as its ack arrives on the writer's own reply subscription. One deadline sweep serves
+    all waiters: no task and no timer per event. `record_later` queues an event nobody waits for (an
+    outcome written after the reply); `drain` waits until everything queued is stored or failed.
+
+    Failure: an event without an ack within `timeout`, or refused, is sent once more with the same
+    ``Nats-Msg-Id`` after `retry_delay` (JetStream drops the copy if the first was stored after all).
+    If that fails too, its waiter gets `AuditError` (an unawaited event is logged) and the chain
+    rotates, so later events do not hang off an event that may never have been stored.
+    """
+
+    def __init__(
+        self,
+        js: Any,
+        chain: AuditChain,
+        timeout: float = 2.0,
+        retry_delay: float = 0.05,
+        max_pending: int = 8192,
+    ) -> None:
+        # A JetStream context (its connection is used) or a connection.
+        self._nc = getattr(js, "_nc", js)
         self.chain = chain
         self.timeout = timeout
         self.retry_delay = retry_delay
-        # Sealing and handing the bytes to the client happen under one lock, so stream order = chain order.
-        self._send_lock = asyncio.Lock()
+        self.max_pending = max_pending
+        self._queue: list[tuple[dict[str, Any], str, asyncio.Future[dict[str, Any]] | None]] = []
+        self._retries: list[tuple[float, _Waiter]] = []
+        self._inflight: dict[str, _Waiter] = {}
+        self._wake: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None
+        self._prefix = ""
+        self._sub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self._next = 0
+        self.batches = 0  # publish rounds (a round sends every event queued at that moment)
+        self.stored = 0  # events acknowledged
 
     @staticmethod
     def stored_msg_id(msg_id: str, event: Mapping[str, Any]) -> str:
@@ -233,60 +356,234 @@ class AuditWriter:
         """
         return f"{msg_id}|{event['chain']}.{event['seq']}"
 
-    async def _send(self, subject: str, payload: bytes, msg_id: str) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = await self._js.publish_async(
-            subject,
-            payload,
-            wait_stall=self.timeout,
-            stream=AUDIT_STREAM,
-            headers={"Nats-Msg-Id": msg_id},
-        )
-        return future
-
-    async def _await_ack(self, future: asyncio.Future[Any], *, retry: bool) -> None:
-        ack = await asyncio.wait_for(future, self.timeout)
-        if getattr(ack, "stream", AUDIT_STREAM) != AUDIT_STREAM:
-            raise AuditError(f"audit event landed in stream {ack.stream!r}, not {AUDIT_STREAM}")
-        if getattr(ack, "duplicate", False) and not retry:
-            # Ids are unique per event: a duplicate on the first send means someone else used it.
-            raise AuditError("JetStream already holds a message with this id")
+    @property
+    def pending(self) -> int:
+        """Events queued, sent or waiting for a retry, and not yet acknowledged or failed."""
+        return len(self._queue) + len(self._inflight) + len(self._retries)
 
     async def record(self, fields: dict[str, Any], *, msg_id: str) -> dict[str, Any]:
-        """Seal `fields` into the chain, publish, and return the event once JetStream has acked it.
+        """Seal `fields` into the chain, store it, and return the event once JetStream has acked it.
 
-        Published with ``Nats-Msg-Id`` = `stored_msg_id(msg_id, event)`.  On failure or timeout it
-        retries once with the same id (if the first send was stored after all, JetStream drops the
-        copy), then rotates the chain and raises `AuditError`.
+        Published with ``Nats-Msg-Id`` = `stored_msg_id(msg_id, event)`. Raises `AuditError` when the
+        event could not be stored (after one retry), or when `max_pending` events are already waiting
+        and none is acknowledged within `timeout`.
         """
-        subject = audit_subject(
-            _subject_token(fields.get("pack_id")), _subject_token(fields.get("capability"))
-        )
-        first_error: BaseException | None = None
-        async with self._send_lock:
-            event = self.chain.seal(fields)
+        await self._ensure_started()
+        if self.pending >= self.max_pending:
+            await self._wait_for_room()
+        caller: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((fields, msg_id, caller))
+        self._wake.set()  # type: ignore[union-attr]
+        return await caller
+
+    def queue_later(self, fields: dict[str, Any], *, msg_id: str) -> None:
+        """Queue an event nobody waits for (an outcome written after the reply); a failure is logged.
+
+        Never waits; `drain` waits for it. Call it from the event loop.
+        """
+        self._queue.append((fields, msg_id, None))
+        if self._task is not None and not self._task.done() and self._wake is not None:
+            self._wake.set()
+        else:
+            self._starting = asyncio.get_running_loop().create_task(self._start_and_kick())
+
+    async def _start_and_kick(self) -> None:
+        await self._ensure_started()
+        assert self._wake is not None
+        self._wake.set()
+
+    async def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until nothing is queued or waiting for an ack; False if `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not self.pending
+
+    async def close(self) -> None:
+        """Stop the writer task and its reply subscription; whatever is still pending fails."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._fail_all(AuditError("the audit writer stopped before the event was stored"))
+
+    # -- the writer task ----------------------------------------------------------------------------
+    async def _ensure_started(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._task is not None and not self._task.done():
+                return
+            if self._sub is None:
+                prefix = self._nc.new_inbox() + "."
+                self._sub = await self._nc.subscribe(prefix + "*", cb=self._on_ack)
+                self._prefix = prefix
+            self._wake = asyncio.Event()
+            self._room = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="rumi-audit-writer")
+
+    async def _wait_for_room(self) -> None:
+        assert self._room is not None
+        deadline = time.monotonic() + self.timeout
+        while self.pending >= self.max_pending:
+            self._room.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AuditError(
+                    f"{self.pending} audit events are waiting for acknowledgement; event refused"
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._room.wait()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        sweep = max(0.01, min(self.timeout / 4, 0.25))
+        next_sweep = loop.time() + sweep
+        tick: asyncio.TimerHandle | None = None
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                if (self._inflight or self._retries) and (tick is None or tick.cancelled()):
+                    # One timer for every waiter: it wakes the writer to expire late acks and retry.
+                    tick = loop.call_later(sweep, self._wake.set)
+                await self._wake.wait()
+            if self._queue:
+                batch, self._queue = self._queue, []
+                await self._publish(batch)
+                # One turn for the requests that woke meanwhile: they queue theirs, the next round is bigger.
+                await asyncio.sleep(0)
+            now = loop.time()
+            if now >= next_sweep:
+                next_sweep = now + sweep
+                if tick is not None:
+                    tick.cancel()
+                    tick = None
+                if self._inflight or self._retries:
+                    await self._sweep(time.monotonic())
+
+    async def _publish(
+        self, batch: list[tuple[dict[str, Any], str, asyncio.Future[dict[str, Any]] | None]]
+    ) -> None:
+        self.batches += 1
+        deadline = time.monotonic() + self.timeout
+        for fields, msg_id, caller in batch:
+            if caller is not None and caller.done():  # its request was cancelled before it was sealed
+                continue
+            subject = audit_subject(
+                _subject_token(fields.get("pack_id")), _subject_token(fields.get("capability"))
+            )
+            try:
+                event = self.chain.seal(fields)
+            except AuditError as exc:
+                _settle(caller, exc)
+                continue
             payload = canonical_json(event)
-            msg_id = self.stored_msg_id(msg_id, event)
-            try:
-                future = await self._send(subject, payload, msg_id)
-            except Exception as exc:
-                first_error = exc
-        if first_error is None:
-            try:
-                await self._await_ack(future, retry=False)
-                return event
-            except Exception as exc:
-                first_error = exc
-        await asyncio.sleep(self.retry_delay)
+            await self._send(
+                _Waiter(subject, payload, self.stored_msg_id(msg_id, event), event, caller, deadline)
+            )
+
+    async def _send(self, waiter: _Waiter) -> None:
+        self._next += 1
+        token = str(self._next)
+        self._inflight[token] = waiter
         try:
-            await self._await_ack(await self._send(subject, payload, msg_id), retry=True)
-            return event
+            await self._nc.publish(
+                waiter.subject,
+                waiter.payload,
+                reply=self._prefix + token,
+                headers={"Nats-Msg-Id": waiter.msg_id, "Nats-Expected-Stream": AUDIT_STREAM},
+            )
         except Exception as exc:
-            if self.chain.chain_id == event["chain"]:
-                self.chain.rotate()
-            raise AuditError(
-                f"audit event {msg_id} not stored in {AUDIT_STREAM}: "
-                f"{_describe(exc) or _describe(first_error)}"
-            ) from None
+            self._inflight.pop(token, None)
+            self._failed(waiter, exc)
+
+    async def _on_ack(self, msg: Any) -> None:
+        waiter = self._inflight.pop(msg.subject[len(self._prefix) :], None)
+        if waiter is None:
+            return  # late: it was already retried or failed
+        problem = _ack_problem(msg, retry=waiter.retried)
+        if problem is not None:
+            self._failed(waiter, problem)
+            return
+        self.stored += 1
+        if waiter.caller is not None and not waiter.caller.done():
+            waiter.caller.set_result(waiter.event)
+        self._made_room()
+
+    async def _sweep(self, now: float) -> None:
+        for token in [t for t, w in self._inflight.items() if w.deadline <= now]:
+            self._failed(self._inflight.pop(token), TimeoutError())
+        if self._retries:
+            due = [w for at, w in self._retries if at <= now]
+            self._retries = [(at, w) for at, w in self._retries if at > now]
+            for waiter in due:
+                waiter.deadline = now + self.timeout
+                await self._send(waiter)
+
+    def _failed(self, waiter: _Waiter, exc: BaseException) -> None:
+        if not waiter.retried:
+            waiter.retried = True
+            self._retries.append((time.monotonic() + self.retry_delay, waiter))
+            if self._wake is not None:
+                self._wake.set()
+            return
+        if self.chain.chain_id == waiter.event["chain"]:
+            self.chain.rotate()
+        _settle(
+            waiter.caller,
+            AuditError(f"audit event {waiter.msg_id} not stored in {AUDIT_STREAM}: {_describe(exc)}"),
+        )
+        self._made_room()
+
+    def _made_room(self) -> None:
+        if self._room is not None and self.pending < self.max_pending:
+            self._room.set()
+
+    def _fail_all(self, exc: AuditError) -> None:
+        for _fields, _msg_id, caller in self._queue:
+            _settle(caller, exc)
+        for waiter in [*self._inflight.values(), *(w for _at, w in self._retries)]:
+            _settle(waiter.caller, exc)
+        self._queue, self._retries = [], []
+        self._inflight.clear()
+
+
+def _settle(caller: asyncio.Future[dict[str, Any]] | None, exc: BaseException) -> None:
+    """Fail a waiting `record`; an event nobody waits for (`record_later`) is logged instead."""
+    if caller is None:
+        log.error("%s", exc)
+    elif not caller.done():
+        caller.set_exception(exc)
+
+
+def _ack_problem(msg: Any, *, retry: bool) -> BaseException | None:
+    """None for the ack of a stored event (on a retry, also of one stored before); else the problem."""
+    status = (msg.headers or {}).get("Status")
+    if status:
+        if status == "503":
+            return AuditError("no JetStream stream answers (is JetStream on and the stream created?)")
+        return AuditError(f"JetStream answered status {status}")
+    try:
+        ack = _ACK_DECODER.decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return AuditError("JetStream sent an unreadable acknowledgement")
+    if ack.error is not None:
+        return AuditError(f"JetStream refused the event: {ack.error.get('description', ack.error)}")
+    if ack.stream != AUDIT_STREAM:
+        return AuditError(f"audit event landed in stream {ack.stream!r}, not {AUDIT_STREAM}")
+    if ack.duplicate and not retry:
+        # Ids are unique per event: a duplicate on the first send means someone else used it.
+        return AuditError("JetStream already holds a message with this id")
+    return None
 
 
 def _describe(exc: BaseException | None) -> str:
@@ -294,6 +591,8 @@ def _describe(exc: BaseException | None) -> str:
         return ""
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return "no acknowledgement in time"
+    if isinstance(exc, AuditError):
+        return str(exc)
     name = type(exc).__name__
     if name == "NoStreamResponseError":
         return "no JetStream stream answers (is JetStream on and the stream created?)"
@@ -408,6 +707,10 @@ class VerifyReport:
     failure: VerifyFailure | None = None
     # (chain, request_id) -> timestamps of allow decisions still waiting for their outcome event
     open_decisions: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    # chain -> seq of its first event read: 1, or a signed checkpoint the input starts at (an anchor)
+    starts: dict[str, int] = field(default_factory=dict)
+    # chain -> (seq, ts) of its last signed checkpoint read (only when checkpoints are checked)
+    checkpoints: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def missing_outcomes(
         self, *, older_than: float, now: datetime | None = None
@@ -451,8 +754,12 @@ class ChainVerifier:
     "reordered"; never found means "missing (gap)").
     """
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoints: Callable[[dict[str, Any]], str | None] | None = None) -> None:
+        """With `checkpoints` (a check returning a problem or None, e.g. `AuditKeys.check`), every
+        ``phase: "checkpoint"`` event must pass it, and a chain may start at such an event instead of
+        seq 1 (an export made with ``--since``): its signature vouches for everything before it."""
         self.report = VerifyReport()
+        self._checkpoints = checkpoints
         self._index = 0
         # While a gap is unresolved: (chain, expected seq) to look for in the rest of the input.
         self._looking_for: tuple[str, int] | None = None
@@ -516,6 +823,17 @@ class ChainVerifier:
         if recomputed != digest:
             return chain, seq, "changed", "its content does not match its hash"
         head = self.report.heads.get(chain)
+        signed = self._checkpoints is not None and event.get("phase") == CHECKPOINT_PHASE
+        if signed:
+            assert self._checkpoints is not None
+            problem = self._checkpoints(event)
+            if problem is not None:
+                return chain, seq, "bad checkpoint", problem
+            if head is None and seq > 1:
+                self.report.heads[chain] = (seq, digest)
+                self.report.starts[chain] = seq
+                self.report.checkpoints[chain] = (seq, str(event.get("ts")))
+                return None
         expected_seq, expected_prev = (1, ZERO_HASH) if head is None else (head[0] + 1, head[1])
         if seq != expected_seq:
             if seq > expected_seq:
@@ -530,6 +848,9 @@ class ChainVerifier:
                 return chain, seq, "bad first event", "the first event of a chain must have prev_hash 0…0"
             return chain, seq, "changed", f"prev_hash does not match the hash of seq {seq - 1}"
         self.report.heads[chain] = (seq, digest)
+        self.report.starts.setdefault(chain, seq)
+        if signed:
+            self.report.checkpoints[chain] = (seq, str(event.get("ts")))
         return None
 
     def _classify_later(self, event: Any) -> None:
@@ -729,15 +1050,18 @@ async def read_stored(
     start_seq: int = 1,
     batch: int = 256,
     timeout: float = 5.0,
+    subject: str | None = None,
 ) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
-    """Yield ``(stream sequence, event)`` in stream order from `start_seq` (all Packs, or one `pack`).
+    """Yield ``(stream sequence, event)`` in stream order from `start_seq` (all Packs, or one `pack`,
+    or only the events on `subject`, e.g. the brokers' checkpoints).
 
     Without `follow` it stops once it has caught up with the stream; with `follow` it then waits for
     new events until cancelled.  Works with the read-only ``audit`` NATS identity.
     """
     if pack is not None and not is_pack_id(pack):
         raise AuditError(f"pack id {pack!r} is not valid (expected ^[a-z][a-z0-9_-]{{0,31}}$)")
-    reader = _StreamReader(nc, f"rumi.audit.{pack}.>" if pack else AUDIT_SUBJECTS, batch, timeout)
+    filter_subject = subject or (f"rumi.audit.{pack}.>" if pack else AUDIT_SUBJECTS)
+    reader = _StreamReader(nc, filter_subject, batch, timeout)
     reader.last_stream_seq = max(0, start_seq - 1)
     remaining = await reader.create()
     caught_up = remaining == 0

@@ -31,6 +31,7 @@ class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     threads_per_pack: int = 4  # blocking handlers (files, Docker) of one Pack at once
     refusals_per_second: int = 10  # audited one by one; more are folded into one event with a count
     flood_refusals_per_second: int = 1000  # beyond: the Pack's requests go unanswered for a while
+    metrics_listen: str | None = None  # HOST:PORT for Prometheus /metrics, "off", or None (default)
 
 
 class PackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -110,6 +111,16 @@ class Workspace:
     @property
     def state(self) -> Path:
         return self.docker / ".rumi"
+
+    @property
+    def audit_signing_keys(self) -> Path:
+        """`docker/.rumi/audit-signing/`: each broker worker's private Ed25519 checkpoint key (0600)."""
+        return self.state / "audit-signing"
+
+    @property
+    def audit_keys_file(self) -> Path:
+        """`docker/.rumi/audit-keys.json`: the checkpoint keys' public halves and the chains each signed."""
+        return self.state / "audit-keys.json"
 
     @property
     def ecosystem(self) -> Path:

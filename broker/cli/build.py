@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from broker.cli.common import RootOption, fail, workspace
-from broker.core.errors import RumiError
-from broker.core.workspace import Workspace
+from broker.cli.common import RootOption, fail, fail_error, workspace
+from broker.core.errors import EXIT_FAILED, RumiError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from broker.core.workspace import Workspace
 
 PrefixOption = Annotated[
     str,
@@ -45,7 +48,7 @@ def build_cmd(
             warn=lambda m: typer.echo(m, err=True),
         )
     except RumiError as exc:
-        fail(str(exc))
+        fail_error(exc)
 
 
 def compose_cmd(
@@ -56,7 +59,9 @@ def compose_cmd(
     """(Re)write docker/docker-compose.yml and the build contexts it points at."""
     target = write_compose_files(workspace(root), packs, prefix=prefix, echo=typer.echo)
     typer.echo(f"wrote {target}")
-    typer.echo("next: `rumi build`, then `docker-compose -f docker/docker-compose.yml up -d`")
+    compose = "docker-compose -f docker/docker-compose.yml"
+    build = "rumi build" if prefix == "rumi" else f"rumi build --prefix {prefix}"
+    typer.echo(f"next: `{build}` (once), `{compose} build`, `{compose} up -d`, then `rumi broker`")
 
 
 def write_compose_files(
@@ -68,8 +73,10 @@ def write_compose_files(
 
     try:
         return write_compose(ws, packs or None, prefix=prefix, progress=lambda m: echo(f"  {m}"))
-    except (RumiError, ValueError, OSError) as exc:
-        fail(error_line(exc))
+    except RumiError as exc:
+        fail(error_line(exc), exc.exit_code)
+    except (ValueError, OSError) as exc:
+        fail(error_line(exc), EXIT_FAILED)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,36 +1,41 @@
-"""Container commands: up, down, ps, logs, stats, doctor (and the hidden broker entry `rumi up` starts)."""
+"""Container commands: up, down, ps, logs, stats, doctor (and the hidden broker entry `rumi up` starts).
+
+broker.containers (and with it the Docker SDK) is imported inside each command: `rumi --help` and
+`rumi grants` never load it.
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from broker.cli.common import RootOption, fail, serve_broker, workspace
-from broker.containers.engine import (
-    BROKER_SERVE_COMMAND,
-    DEFAULT_PREFIX,
-    ContainerInfo,
-    DockerRuntime,
-    RuntimeStatus,
-)
-from broker.core.errors import RumiError
+from broker.cli.common import JsonOption, RootOption, fail, fail_error, print_json, serve_broker, workspace
+from broker.cli.top import MetricsOption, check_metrics, use_metrics
+from broker.core.errors import EXIT_DENIED, EXIT_FAILED, EXIT_USAGE, RumiError
+
+if TYPE_CHECKING:
+    from broker.admin.doctor import BrokerProcess
+    from broker.containers.engine import ContainerInfo, DockerRuntime, RuntimeStatus
+
+# broker.containers.engine's DEFAULT_PREFIX and BROKER_SERVE_COMMAND, spelt out so that registering
+# the commands imports nothing of the engine (tests/test_cli.py checks they agree).
+DEFAULT_PREFIX = "rumi"
+BROKER_SERVE_COMMAND = "serve-broker"
 
 PrefixOption = Annotated[
     str,
     typer.Option("--prefix", envvar="RUMI_IMAGE_PREFIX", help="Image and container name prefix."),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
-    """RumiError and Docker SDK errors become one line on stderr and exit code 1."""
+    """RumiError and Docker SDK errors become one line on stderr and their exit code (docs/cli.md)."""
     try:
         import docker.errors
 
@@ -40,13 +45,15 @@ def _one_line_errors() -> Iterator[None]:
     try:
         yield
     except RumiError as exc:
-        fail(str(exc))
+        fail_error(exc)
     except docker_error as exc:
         text = str(getattr(exc, "explanation", None) or exc).splitlines()
-        fail(f"Docker: {text[0] if text else type(exc).__name__}")
+        fail(f"Docker: {text[0] if text else type(exc).__name__}", EXIT_FAILED)
 
 
 def _runtime(root: str | None, prefix: str, progress: Callable[[str], None] | None = None) -> DockerRuntime:
+    from broker.containers.engine import DockerRuntime
+
     return DockerRuntime(workspace(root), prefix=prefix, progress=progress)
 
 
@@ -83,15 +90,25 @@ def up_cmd(
             help="Broker processes, each serving its share of the Packs (default: one per core).",
         ),
     ] = None,
+    as_json: JsonOption = False,
+    metrics: MetricsOption = None,
 ) -> None:
     """Start NATS, the broker and the Pack containers (with their networks and host guard).
 
     Packs start concurrently; each is up when its SDK says "ready" on rumi.pack.<id>.status. One line
     per Pack as it settles (`pack default: created → started → ready (0.8 s)`), a count every 2 s.
     """
+    from dataclasses import asdict
+
+    # The broker this starts serves /metrics on 127.0.0.1:9464 (+ worker index) unless told otherwise.
+    check_metrics(workspace(root), metrics, workers=workers or os.cpu_count() or 1)
     with _one_line_errors():
-        rt = _runtime(root, prefix, lambda m: typer.echo(f"  {m}"))
+        # With --json, stdout holds only the JSON document: progress goes to stderr.
+        rt = _runtime(root, prefix, lambda m: typer.echo(f"  {m}", err=as_json))
         report = rt.up(packs or None, build=build, health_timeout=timeout, workers=workers)
+    if as_json:
+        print_json(asdict(report))
+        return
     started = [p for p in report.packs if p.created]
     times = sorted(p.seconds_to_ready for p in started)
     how = f"{len(started)} started, {len(report.packs) - len(started)} already running"
@@ -103,29 +120,52 @@ def up_cmd(
     )
 
 
-def down_cmd(root: RootOption = None) -> None:
+def down_cmd(root: RootOption = None, as_json: JsonOption = False) -> None:
     """Stop and remove this workspace's broker, Pack and NATS containers, networks and guard rules."""
     with _one_line_errors():
         removed = _runtime(root, DEFAULT_PREFIX).down()
+    if as_json:
+        print_json({"removed": removed})
+        return
     for item in removed:
         typer.echo(f"  removed {item}")
     typer.echo("Down." if removed else "Nothing was running.")
 
 
 def ps_cmd(root: RootOption = None, as_json: JsonOption = False) -> None:
-    """Show containers (state, health, each Pack's last heartbeat), networks (subnet, guard), broker, NATS."""
+    """Show containers (state, health, each Pack's last heartbeat), networks (subnet, guard), broker, NATS.
+
+    The broker is found as `rumi doctor` finds it: detached by `rumi up`, or `rumi broker` in a terminal.
+    """
+    from broker.admin.doctor import find_broker
+
     with _one_line_errors():
+        ws = workspace(root)
         status = _runtime(root, DEFAULT_PREFIX).status()
+        broker = find_broker(ws)
     if as_json:
-        typer.echo(json.dumps(status.to_json(), indent=2, sort_keys=True))
+        out: dict[str, Any] = status.to_json()
+        out["broker_pid"] = broker.pid if broker else None
+        out["broker_mode"] = broker.mode if broker else None
+        out["nats_pid"] = broker.nats_pid if broker else None
+        print_json(out)
         return
     typer.echo(_containers_table(status) if status.containers else "No containers (run `rumi up`).")
     if status.networks:
         typer.echo("")
         typer.echo(_networks_table(status))
     typer.echo("")
-    typer.echo(f"broker: {'pid ' + str(status.broker_pid) if status.broker_pid else 'not running'}")
+    typer.echo(f"broker: {_broker_line(broker)}")
     typer.echo(f"nats:   {status.nats_url or 'no URL (not running)'}")
+
+
+def _broker_line(broker: BrokerProcess | None) -> str:
+    if broker is None:
+        return "not running"
+    if broker.mode == "detached":
+        return f"pid {broker.pid} (detached, `rumi up`)"
+    pid = f"pid {broker.pid}" if broker.pid is not None else "pid unknown"
+    return f"{pid} (foreground `rumi broker`, embedded nats-server pid {broker.nats_pid})"
 
 
 def _containers_table(status: RuntimeStatus) -> str:
@@ -135,7 +175,7 @@ def _containers_table(status: RuntimeStatus) -> str:
             [
                 c.name,
                 c.role,
-                c.state,
+                f"{c.state} ({c.incident})" if c.incident else c.state,
                 c.health or "-",
                 _pack_status(c),
                 f"{c.heartbeat_age:.1f} s ago" if c.heartbeat_age is not None else "-",
@@ -184,14 +224,14 @@ def logs_cmd(
 ) -> None:
     """Print a Pack's container log (or the NATS container's, or the broker's)."""
     if sum((pack is not None, nats, broker)) != 1:
-        fail("name one Pack, or pass --nats or --broker")
+        fail("name one Pack, or pass --nats or --broker", EXIT_USAGE)
     if broker:
         from broker.admin.logs import broker_log
 
         try:
             _write_chunks(broker_log(workspace(root), follow=follow, tail=tail))
         except RumiError as exc:
-            fail(str(exc))
+            fail_error(exc)
         except KeyboardInterrupt:
             return
         return
@@ -211,10 +251,12 @@ def _write_chunks(chunks: Iterator[bytes]) -> None:
 
 def stats_cmd(root: RootOption = None, as_json: JsonOption = False) -> None:
     """Memory (and pids) per running container, one sample from the Docker stats API."""
+    from dataclasses import asdict
+
     with _one_line_errors():
         samples = _runtime(root, DEFAULT_PREFIX).stats()
     if as_json:
-        typer.echo(json.dumps([asdict(s) for s in samples], indent=2, sort_keys=True))
+        print_json([asdict(s) for s in samples])
         return
     if not samples:
         typer.echo("No running containers (run `rumi up`).")
@@ -229,26 +271,43 @@ def doctor_cmd(
     root: RootOption = None,
     fix: Annotated[bool, typer.Option("--fix", help="Install missing host guard rules.")] = False,
     prefix: PrefixOption = DEFAULT_PREFIX,
+    as_json: JsonOption = False,
 ) -> None:
-    """Check Docker, images, NATS, broker, host guard, Pack heartbeats and grants; say what to fix."""
+    """Check Docker, images, NATS, broker, host guard, Pack heartbeats and grants; say what to fix.
+
+    Exit code 1 when a check fails.
+    """
     from broker.admin.doctor import run_doctor
 
-    checks = run_doctor(workspace(root), prefix=prefix, fix=fix)
-    for c in checks:
-        typer.echo(c.line())
+    with _one_line_errors():
+        checks = run_doctor(workspace(root), prefix=prefix, fix=fix)
     failed = [c for c in checks if c.status == "FAIL"]
-    typer.echo(f"{len(checks) - len(failed)} OK, {len(failed)} FAIL")
+    if as_json:
+        print_json(
+            {"checks": [c.to_json() for c in checks], "ok": len(checks) - len(failed), "failed": len(failed)}
+        )
+    else:
+        for c in checks:
+            typer.echo(c.line())
+        typer.echo(f"{len(checks) - len(failed)} OK, {len(failed)} FAIL")
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_DENIED)
 
 
 def serve_broker_cmd(
     root: RootOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Rumi's own debug logs (every request).")
+    ] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Broker processes.")] = 1,
+    metrics: MetricsOption = None,
 ) -> None:
     """Run the broker against the NATS container (`rumi up` starts this detached)."""
-    serve_broker(workspace(root), verbose=verbose, embedded=False, workers=workers)
+    from broker.service.metrics import DEFAULT_LISTEN
+
+    ws = workspace(root)
+    use_metrics(ws, metrics, workers=workers, default=DEFAULT_LISTEN)
+    serve_broker(ws, verbose=verbose, embedded=False, workers=workers)
 
 
 def register(app: typer.Typer) -> None:

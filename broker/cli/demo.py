@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from broker.cli.common import fail
+from broker.cli.common import fail, fail_error
 from broker.core.errors import RumiError
 
 
@@ -35,7 +35,7 @@ def demo_cmd(
         if problems:
             fail("the demo did not go as designed: " + "; ".join(problems))
     except RumiError as exc:
-        fail(str(exc))
+        fail_error(exc)
     finally:
         demo.stop(keep=keep)
 

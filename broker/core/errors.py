@@ -9,7 +9,8 @@ Hierarchy::
     │   └── PluginError            a handler plugin is malformed (refused at load)
     ├── NatsSetupError             the NATS server or its config could not be made to work
     ├── RuntimeSetupError          containers, networks or the broker process could not be set up
-    │   └── EngineUnavailable      no Docker engine answers
+    │   ├── EngineUnavailable      no Docker engine answers
+    │   └── Missing                an image, container or process the command needs is not there
     ├── AuditError                 an audit event could not be stored or read
     │   └── ChainBroken            `rumi audit verify` found a changed, missing or reordered event
     └── RequestError               a request is refused; carries a contract error code
@@ -21,6 +22,11 @@ Hierarchy::
         ├── Timeout                timeout
         ├── HandlerFailed          handler_error
         └── Unavailable            unavailable
+
+Each class carries `exit_code`, the exit status of `rumi` when that error ends a command
+(docs/cli.md): 1 denied or a check failed, 2 usage error (an argument or a workspace file is wrong),
+3 environment missing (no Docker engine, no NATS, the Pack, its container, image or the broker not
+there), 4 the broker or a tool failed.
 """
 
 from __future__ import annotations
@@ -49,12 +55,24 @@ ERROR_CODES: tuple[ErrorCode, ...] = (
 )
 
 
+# `rumi` exit statuses (docs/cli.md).
+EXIT_OK = 0
+EXIT_DENIED = 1  # denied, or a check failed
+EXIT_USAGE = 2  # an argument or a workspace file is wrong (typer's own usage errors exit 2 too)
+EXIT_ENVIRONMENT = 3  # no Docker engine, no NATS, the Pack not running
+EXIT_FAILED = 4  # the broker or a tool failed
+
+
 class RumiError(Exception):
     """Root of the broker's own errors."""
+
+    exit_code: ClassVar[int] = EXIT_FAILED
 
 
 class WorkspaceError(RumiError):
     """A workspace file or layout is wrong."""
+
+    exit_code = EXIT_USAGE
 
 
 class GrantError(WorkspaceError):
@@ -72,6 +90,8 @@ class PluginError(WorkspaceError):
 class NatsSetupError(RumiError):
     """The NATS server or its configuration could not be made to work."""
 
+    exit_code = EXIT_ENVIRONMENT
+
 
 class AuditError(RumiError):
     """An audit event could not be stored or read."""
@@ -79,6 +99,8 @@ class AuditError(RumiError):
 
 class ChainBroken(AuditError):
     """A hash chain does not verify."""
+
+    exit_code = EXIT_DENIED
 
 
 class RequestError(RumiError):
@@ -93,18 +115,22 @@ class RequestError(RumiError):
 
 class Denied(RequestError):
     code = "permission_denied"
+    exit_code = EXIT_DENIED
 
 
 class InvalidRequest(RequestError):
     code = "invalid_request"
+    exit_code = EXIT_USAGE
 
 
 class UnknownCapability(RequestError):
     code = "unknown_capability"
+    exit_code = EXIT_USAGE
 
 
 class TooLarge(RequestError):
     code = "too_large"
+    exit_code = EXIT_USAGE
 
 
 class RateLimited(RequestError):
@@ -121,6 +147,7 @@ class HandlerFailed(RequestError):
 
 class Unavailable(RequestError):
     code = "unavailable"
+    exit_code = EXIT_ENVIRONMENT
 
 
 class RuntimeSetupError(RumiError):
@@ -129,3 +156,24 @@ class RuntimeSetupError(RumiError):
 
 class EngineUnavailable(RuntimeSetupError):
     """No Docker engine answers."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class Missing(RuntimeSetupError):
+    """An image, container or process the command needs is not there; the message names what makes it."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+def exit_code(exc: BaseException) -> int:
+    """The `rumi` exit status for an error that ends a command (4 for anything not a RumiError)."""
+    return exc.exit_code if isinstance(exc, RumiError) else EXIT_FAILED
+
+
+def request_error(code: str, message: str) -> RequestError:
+    """The RequestError for a contract error `code` in a reply (HandlerFailed for an unknown one)."""
+    for cls in (Denied, InvalidRequest, UnknownCapability, TooLarge, RateLimited, Timeout, Unavailable):
+        if cls.code == code:
+            return cls(message)
+    return HandlerFailed(message)

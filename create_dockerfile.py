@@ -4,7 +4,9 @@
     python create_dockerfile.py [--root R] [--prefix P] [PACK...]
 
 The same generators as `rumi compose` (broker/containers/packimage.py, broker/containers/compose.py); build the images with
-`rumi build` (or `docker-compose -f docker/docker-compose.yml build` once the base images exist).
+`rumi build` (or `docker-compose -f docker/docker-compose.yml build` once the base images exist). It also sets
+`nats_url` in docker/config.json to the NATS the Compose file publishes, so that after
+`docker-compose -f docker/docker-compose.yml up -d`, `rumi broker` serves the Packs and `rumi call` reaches them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     for pack_id in args.packs or ws.pack_ids():
         print(f"wrote {ws.packs / pack_id / 'Dockerfile'}")
     print(f"wrote {target}")
+    compose = "docker-compose -f docker/docker-compose.yml"
+    build = "rumi build" if args.prefix == "rumi" else f"rumi build --prefix {args.prefix}"
+    print(f"next: `{build}` (once), `{compose} build`, `{compose} up -d`, then `rumi broker`")
     return 0
 
 

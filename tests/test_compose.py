@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,7 +49,6 @@ def _config(ws: Workspace, **changes: Any) -> None:
     ws.config_file.write_text(json.dumps(cfg))
 
 
-
 # ------------------------------------------------------------------------------ no engine needed
 
 
@@ -58,7 +58,9 @@ def test_networks_are_deterministic_distinct_and_inside_the_pool() -> None:
     nets = compose.compose_networks(cfg, packs, "tag")
     assert nets == compose.compose_networks(cfg, list(reversed(packs)), "tag")
     pool = ipaddress.IPv4Network("10.213.0.0/16")
-    assert nets["control"].subnet == ipaddress.IPv4Network("10.213.255.240/28") and not nets["control"].internal
+    assert (
+        nets["control"].subnet == ipaddress.IPv4Network("10.213.255.240/28") and not nets["control"].internal
+    )
     subnets = [n.subnet for n in nets.values()]
     assert len(set(subnets)) == len(subnets)
     for pack_id in packs:
@@ -109,16 +111,33 @@ def test_network_config_errors(pool: str, plen: int, packs: list[str], message: 
         ({"nano_cpus": 500_000_000}, {"cpus": 0.5}),
         ({"nano_cpus": 1_250_000_000}, {"cpus": 1.25}),
         ({"restart_policy": {"Name": "on-failure", "MaximumRetryCount": 5}}, {"restart": "on-failure:5"}),
-        ({"restart_policy": {"Name": "unless-stopped", "MaximumRetryCount": 0}}, {"restart": "unless-stopped"}),
+        (
+            {"restart_policy": {"Name": "unless-stopped", "MaximumRetryCount": 0}},
+            {"restart": "unless-stopped"},
+        ),
         ({"ipc_mode": "private"}, {"ipc": "private"}),
         ({"tmpfs": {"/tmp": "rw,size=1m"}}, {"tmpfs": ["/tmp:rw,size=1m"]}),
         ({"volumes": {"/a": {"bind": "/b", "mode": "ro"}}}, {"volumes": ["/a:/b:ro"]}),
         ({"ports": {"4222/tcp": ("127.0.0.1", 4999)}}, {"ports": ["127.0.0.1:4999:4222"]}),
-        ({"healthcheck": {"test": ["CMD", "x"], "interval": 2_000_000_000, "timeout": 500_000_000, "retries": 3}},
-         {"healthcheck": {"test": ["CMD", "x"], "interval": "2s", "timeout": "500ms", "retries": 3}}),
-        ({"log_config": {"Type": "json-file", "Config": {"max-size": "10m"}}},
-         {"logging": {"driver": "json-file", "options": {"max-size": "10m"}}}),
-        ({"labels": {"io.rumi.role": "pack", "x": "y"}}, {"labels": {"io.rumi.role": "compose-pack", "x": "y"}}),
+        (
+            {
+                "healthcheck": {
+                    "test": ["CMD", "x"],
+                    "interval": 2_000_000_000,
+                    "timeout": 500_000_000,
+                    "retries": 3,
+                }
+            },
+            {"healthcheck": {"test": ["CMD", "x"], "interval": "2s", "timeout": "500ms", "retries": 3}},
+        ),
+        (
+            {"log_config": {"Type": "json-file", "Config": {"max-size": "10m"}}},
+            {"logging": {"driver": "json-file", "options": {"max-size": "10m"}}},
+        ),
+        (
+            {"labels": {"io.rumi.role": "pack", "x": "y"}},
+            {"labels": {"io.rumi.role": "compose-pack", "x": "y"}},
+        ),
         ({"name": "rumi-pack-x", "network": "n", "detach": True}, {}),
         ({"environment": {"A": 1}}, {"environment": {"A": "1"}}),
     ],
@@ -145,8 +164,31 @@ def test_compose_service_refuses_what_it_cannot_express(settings: dict[str, Any]
 
 @pytest.mark.parametrize(
     "value",
-    ["no", "on", "yes", "off", "0755", "1e3", "null", "~", "a: b", "#x", "- y", "line\nbreak", 'q"uote', "ü", "",
-     "*alias", "&anchor", "!tag", "{a}", "[b]", "%x", "@x", "`x"],
+    [
+        "no",
+        "on",
+        "yes",
+        "off",
+        "0755",
+        "1e3",
+        "null",
+        "~",
+        "a: b",
+        "#x",
+        "- y",
+        "line\nbreak",
+        'q"uote',
+        "ü",
+        "",
+        "*alias",
+        "&anchor",
+        "!tag",
+        "{a}",
+        "[b]",
+        "%x",
+        "@x",
+        "`x",
+    ],
 )
 def test_yaml_strings_stay_strings(value: str) -> None:
     yaml = _yaml()
@@ -160,8 +202,9 @@ def _settings(ws: Workspace, pack_id: str, prefix: str = "rumi") -> dict[str, An
     net = compose.compose_networks(cfg, ws.pack_ids(), workspace_tag(ws))[f"pack-{pack_id}"]
     from broker.containers.packimage import pack_image_tag
 
-    return DockerRuntime(ws, prefix=prefix).pack_settings(pack_id, pack_image_tag(pack_id, prefix),
-                                                         net.runtime_network(), cfg)
+    return DockerRuntime(ws, prefix=prefix).pack_settings(
+        pack_id, pack_image_tag(pack_id, prefix), net.runtime_network(), cfg
+    )
 
 
 def test_rendered_pack_service_is_the_runtime_settings(ws: Workspace) -> None:
@@ -173,8 +216,20 @@ def test_rendered_pack_service_is_the_runtime_settings(ws: Workspace) -> None:
     settings = _settings(ws, "default")
     assert service["image"] == settings["image"] == "rumi-pack-default:latest"
     assert service["user"] == settings["user"] == f"{pack_uid('default')}:{pack_uid('default')}"
-    for key in ("read_only", "cap_drop", "security_opt", "mem_limit", "memswap_limit", "pids_limit",
-                "cpu_shares", "dns", "dns_opt", "dns_search", "stop_signal", "init"):
+    for key in (
+        "read_only",
+        "cap_drop",
+        "security_opt",
+        "mem_limit",
+        "memswap_limit",
+        "pids_limit",
+        "cpu_shares",
+        "dns",
+        "dns_opt",
+        "dns_search",
+        "stop_signal",
+        "init",
+    ):
         assert service[key] == settings[key], key
     assert service["cap_drop"] == ["ALL"] and service["read_only"] is True
     assert service["cpus"] == settings["nano_cpus"] / 1e9
@@ -183,7 +238,9 @@ def test_rendered_pack_service_is_the_runtime_settings(ws: Workspace) -> None:
     assert service["tmpfs"] == [f"{k}:{v}" for k, v in settings["tmpfs"].items()]
     assert service["healthcheck"]["test"] == settings["healthcheck"]["test"]
     assert service["restart"] == "on-failure:5"
-    assert sorted(service["volumes"]) == sorted(f"{k}:{v['bind']}:{v['mode']}" for k, v in settings["volumes"].items())
+    assert sorted(service["volumes"]) == sorted(
+        f"{k}:{v['bind']}:{v['mode']}" for k, v in settings["volumes"].items()
+    )
     assert service["build"] == {"context": "packs/default", "dockerfile": "Dockerfile"}
     assert service["depends_on"] == ["nats"]
     # Only its own network, at a fixed address; NATS by address on that network.
@@ -240,6 +297,67 @@ def test_write_compose_writes_contexts_creds_and_config(ws: Workspace) -> None:
     conf = (ws.state / "nats" / "nats.conf").read_text()
     assert 'listen: "0.0.0.0:4222"' in conf and "PACK_default" in conf and "PACK_other" in conf
     assert (ws.base / "site-packages").is_dir() and (ws.base / "lib" / "pack_runtime").is_dir()
+    # `rumi broker` and `rumi call` find the NATS the file publishes.
+    assert ws.load_config().nats_url == "nats://127.0.0.1:4222"
+
+
+def test_write_compose_records_the_published_nats_url(ws: Workspace) -> None:
+    from broker.bus.server import nats_url
+
+    _config(ws, nats_port=4999, nats_url="nats://10.0.0.9:4222")
+    said: list[str] = []
+    compose.write_compose(ws, libc="glibc 2.36", progress=said.append)
+    assert ws.load_config().nats_url == nats_url(ws) == "nats://127.0.0.1:4999"
+    assert any(
+        "nats_url = nats://127.0.0.1:4999 (was nats://10.0.0.9:4222)" in m and "rumi broker" in m
+        for m in said
+    ), said
+    said.clear()
+    compose.write_compose(ws, libc="glibc 2.36", progress=said.append)
+    assert not any("nats_url" in m for m in said), said  # unchanged: nothing to say
+
+
+SHIPPED_CONFIG = REPO / "config" / "config.json"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The shipped file: only the value changes, the layout (one-line objects) stays.
+        (
+            SHIPPED_CONFIG.read_text(),
+            SHIPPED_CONFIG.read_text().replace('"nats_url": null', '"nats_url": "nats://127.0.0.1:4222"', 1),
+        ),
+        ('{"nats_port": 4222}\n', '{\n  "nats_url": "nats://127.0.0.1:4222", "nats_port": 4222}\n'),
+        ('{\n  "nats_port": 1\n}', '{\n  "nats_url": "nats://127.0.0.1:4222",\n  "nats_port": 1\n}'),
+        ("{}", '{\n  "nats_url": "nats://127.0.0.1:4222"}'),
+        (
+            '{"nats_url" : "nats://x:1" , "packs": {"nats_url": {}}}',
+            '{"nats_url" : "nats://127.0.0.1:4222" , "packs": {"nats_url": {}}}',
+        ),
+        (
+            '{"nats_url": "a", "nats_url": null}',
+            '{"nats_url": "nats://127.0.0.1:4222", "nats_url": "nats://127.0.0.1:4222"}',
+        ),
+    ],
+)
+def test_record_nats_url_changes_only_that_value(ws: Workspace, text: str, expected: str) -> None:
+    ws.config_file.write_text(text)
+    os.chmod(ws.config_file, 0o640)
+    before = json.loads(text).get("nats_url")
+    assert compose.record_nats_url(ws, "nats://127.0.0.1:4222") == before
+    assert ws.config_file.read_text() == expected
+    assert json.loads(expected)["nats_url"] == "nats://127.0.0.1:4222"
+    assert ws.config_file.stat().st_mode & 0o777 == 0o640
+    assert compose.record_nats_url(ws, "nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+    assert ws.config_file.read_text() == expected
+
+
+def test_record_nats_url_refuses_a_broken_config(ws: Workspace) -> None:
+    ws.config_file.write_text('{"nats_port": 4222,')
+    with pytest.raises(WorkspaceError, match=r"docker/config\.json is not valid JSON"):
+        compose.record_nats_url(ws, "nats://127.0.0.1:4222")
+    assert ws.config_file.read_text() == '{"nats_port": 4222,'
 
 
 def test_write_compose_refuses_while_an_embedded_server_runs(ws: Workspace) -> None:
@@ -248,18 +366,32 @@ def test_write_compose_refuses_while_an_embedded_server_runs(ws: Workspace) -> N
     pid_file(ws).write_text(f"{os.getpid()}\n")  # a live pid stands in for the embedded nats-server
     with pytest.raises(compose.ComposeError, match="stop `rumi broker` first"):
         compose.write_compose(ws, libc="glibc 2.36")
-    assert not (ws.docker / "docker-compose.yml").exists()
+    assert not (ws.docker / "docker-compose.yml").exists() and ws.load_config().nats_url is None
 
 
 def test_create_dockerfile_script(ws: Workspace) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(REPO / "create_dockerfile.py"), "--root", str(ws.root), "default"],
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "create_dockerfile.py"), "--root", str(ws.root), "default"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert f"wrote {ws.packs / 'default' / 'Dockerfile'}" in done.stdout
     assert (ws.docker / "docker-compose.yml").is_file() and not (ws.packs / "other").exists()
-    bad = subprocess.run([sys.executable, str(REPO / "create_dockerfile.py"), "--root", str(ws.root), "nope"],
-                         capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert "then `rumi broker`" in done.stdout.splitlines()[-1]
+    assert ws.load_config().nats_url == f"nats://127.0.0.1:{ws.load_config().nats_port}"
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "create_dockerfile.py"), "--root", str(ws.root), "nope"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: no Pack 'nope'")
 
@@ -285,6 +417,7 @@ def test_cli_compose(ws: Workspace) -> None:
 
 _engine = docker_engine
 
+
 def _compose_binary() -> str:
     found = shutil.which("docker-compose")
     if found is None:
@@ -296,6 +429,7 @@ def _compose_binary() -> str:
 
 
 _say = say
+
 
 def _free_pool(client: Any) -> str:
     """A /22 of 10.0.0.0/8 that no Docker network and no host route uses (the runtime's own allocator)."""
@@ -320,7 +454,12 @@ class Seed:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         return subprocess.run(
             [self.binary, "-p", self.project, "-f", "docker/docker-compose.yml", *args],
-            cwd=self.ws.root, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+            cwd=self.ws.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
 
@@ -337,7 +476,17 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seed]:
         images.build_nats_image(client, prefix)
         images.build_base_image(client, prefix)
         _config(ws, nats_port=free_port(), network_pool=_free_pool(client), network_prefix_length=28)
-        compose.write_compose(ws, prefix=prefix)
+        # The seed's first command (the README's), as the user runs it: from the workspace root.
+        made = subprocess.run(
+            [sys.executable, str(REPO / "create_dockerfile.py"), "--prefix", prefix],
+            cwd=ws.root,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr[-3000:]
         yield result
     finally:
         result.run("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=120)
@@ -407,11 +556,17 @@ def test_seed_workflow_build_up_ps_logs_down(seed: Seed, pytestconfig: pytest.Co
     # The ready signal: the Pack's status on rumi.pack.default.status, heard as `cli` on the published port.
     status = asyncio.run(_await_pack_status(seed.ws, "default", timeout=60))
     healthy_after = time.monotonic() - started - build_seconds
-    found = [c for c in seed.client.containers.list(all=True, filters=project)
-             if c.labels.get("com.docker.compose.service") == "pack-default"]
+    found = [
+        c
+        for c in seed.client.containers.list(all=True, filters=project)
+        if c.labels.get("com.docker.compose.service") == "pack-default"
+    ]
     logs = seed.run("logs", "--no-color", "pack-default")
     assert status in ("ready", "alive"), f"pack-default is {status or 'silent'}:\n{logs.stdout[-3000:]}"
-    _say(pytestconfig, f"\ncompose: build {build_seconds:.1f}s, pack-default {status} {healthy_after:.1f}s after up")
+    _say(
+        pytestconfig,
+        f"\ncompose: build {build_seconds:.1f}s, pack-default {status} {healthy_after:.1f}s after up",
+    )
     assert "serving default:tool:my_tool" in logs.stdout
 
     # Docker's own healthcheck is configured, and what its probe runs passes (its first probe comes
@@ -434,7 +589,9 @@ def test_seed_workflow_build_up_ps_logs_down(seed: Seed, pytestconfig: pytest.Co
     assert host["Tmpfs"] == settings["tmpfs"] and host["Dns"] == settings["dns"]
     assert host["RestartPolicy"] == settings["restart_policy"]
     assert pack.attrs["Config"]["User"] == settings["user"]
-    assert sorted(host["Binds"]) == sorted(f"{k}:{v['bind']}:{v['mode']}" for k, v in settings["volumes"].items())
+    assert sorted(host["Binds"]) == sorted(
+        f"{k}:{v['bind']}:{v['mode']}" for k, v in settings["volumes"].items()
+    )
     assert list(pack.attrs["NetworkSettings"]["Networks"]) == [f"{seed.project}_pack-default"]
     network = seed.client.networks.get(f"{seed.project}_pack-default")
     assert network.attrs["Internal"] is True
@@ -443,3 +600,71 @@ def test_seed_workflow_build_up_ps_logs_down(seed: Seed, pytestconfig: pytest.Co
     down = seed.run("down", "--timeout", "5")
     assert down.returncode == 0, down.stderr
     assert not seed.client.containers.list(all=True, filters=project)
+
+
+def _rumi(*args: str) -> list[str]:
+    """`rumi ARGS`: the console script of this installation."""
+    return [str(Path(sys.executable).parent / "rumi"), *args]
+
+
+@pytest.mark.docker
+def test_seed_commands_then_rumi_call(seed: Seed, pytestconfig: pytest.Config) -> None:
+    """The README's seed workflow, command for command, ends in a working `rumi call`.
+
+    `python create_dockerfile.py` (the fixture; `rumi build`'s base images too), then `docker-compose …
+    build`, `… up -d`, `rumi broker` and `rumi call default:tool:my_tool`, each from the workspace root.
+    """
+    ws = seed.ws
+    assert ws.load_config().nats_url == f"nats://127.0.0.1:{ws.load_config().nats_port}"
+    assert seed.run("build").returncode == 0
+    started = time.monotonic()
+    up = seed.run("up", "-d")
+    assert up.returncode == 0, up.stderr
+    status = asyncio.run(_await_pack_status(ws, "default", timeout=60))
+    assert status in ("ready", "alive"), seed.run("logs", "--no-color").stdout[-3000:]
+    log = ws.root / "broker.out"
+    with open(log, "wb") as out:
+        broker = subprocess.Popen(
+            _rumi("broker"), cwd=ws.root, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "rumi broker: serving" not in log.read_text(errors="replace"):
+            assert broker.poll() is None, (
+                f"rumi broker exited {broker.returncode}:\n{log.read_text()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, f"rumi broker not serving:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        # It serves the Compose file's NATS: no nats-server of its own.
+        assert "embedded nats-server" not in log.read_text()
+        called = subprocess.run(
+            _rumi("call", "default:tool:my_tool", '{"note": "via compose"}', "--timeout", "90"),
+            cwd=ws.root,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert called.returncode == 0, called.stderr
+        working = time.monotonic() - started
+        rows = {row["attempt"]: row for row in json.loads(called.stdout)["attempts"]}
+        # The broker on the host answered: allowed where granted, denied where not.
+        assert rows["write a file in its sandbox"]["outcome"] == "allowed", rows
+        assert rows["read it back"] == {**rows["read it back"], "outcome": "allowed", "detail": "via compose"}
+        assert rows["read /etc/passwd"]["outcome"] == "denied", rows
+        assert rows["escape with ../ to the broker's credentials"]["outcome"] == "denied", rows
+        assert (ws.pack_work_area("default") / "hello.txt").read_text() == "via compose"
+        verified = subprocess.run(
+            _rumi("audit", "verify"), cwd=ws.root, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        _say(pytestconfig, f"\ncompose: `up -d` to a served `rumi call` in {working:.1f}s")
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        try:
+            broker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait()
+        seed.run("down", "--timeout", "5")
+    assert broker.returncode == 0, log.read_text()[-3000:]

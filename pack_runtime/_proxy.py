@@ -8,10 +8,16 @@ the component `<pack_id>:pack:_` (so that is the component the admin grants netw
 - `CONNECT host:port` → `open` (the broker checks the grant and the address, and connects);
   `200 Connection Established`, then bytes are pumped with `send` and long-polled `recv` until
   either side closes. TLS stays end to end: the proxy never decrypts, and the broker checks that
-  the ClientHello's server name is the CONNECT host.
-- `GET http://host/...` (absolute form, plain HTTP) → one `fetch`; the response is written back
-  and the connection closed. Redirects are returned to the client, which follows them (each hop
-  through the proxy, each checked again).
+  the ClientHello's server name is the CONNECT host. The broker opens tunnels to port 443 only,
+  unless the grant sets `plaintext_tunnel` (elsewhere the bytes could be plaintext carrying any
+  `Host:` header): any other port is a `403`.
+- `GET http://host/...` (absolute form, plain HTTP) → one `fetch` with `stream: true`: status and
+  headers are written back at once, then the body as it arrives (`read` long-polls), so chunked
+  replies and server-sent events reach the client as the server sends them; then the connection
+  is closed. The server's `Content-Length` is kept; without one the body goes to an HTTP/1.1 client
+  chunked (a cut-off body is then visible as such), to HTTP/1.0 delimited by the close. The
+  client's `Host` header is dropped: the broker writes it from the URL it checked. Redirects are
+  returned to the client, which follows them (each hop through the proxy, each checked again).
 - A refusal is `403 Forbidden` (permission_denied) or `502 Bad Gateway` (anything else), with
   `X-Rumi-Error: <code>` and `rumi: <code>: <message>` as the body.
 
@@ -167,11 +173,11 @@ class ProxyServer:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
         except asyncio.LimitOverrunError:
             raise _ProxyRefusal(431, "invalid_request", "request head is too large") from None
-        method, target, headers = _parse_head(head)
+        method, target, headers, version = _parse_head(head)
         if method == "CONNECT":
             await self._tunnel(target, reader, writer)
         elif target.lower().startswith("http://"):
-            await self._forward(method, target, headers, reader, writer)
+            await self._forward(method, target, headers, reader, writer, chunked_ok=version != "HTTP/1.0")
         else:
             raise _ProxyRefusal(
                 400, "invalid_request", "this is a proxy: send CONNECT host:port or an absolute http:// URL"
@@ -271,6 +277,8 @@ class ProxyServer:
         headers: list[tuple[str, str]],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        *,
+        chunked_ok: bool = True,
     ) -> None:
         names = {n.lower() for n, _ in headers}
         connection_tokens = {
@@ -293,6 +301,7 @@ class ProxyServer:
             "url": url,
             "headers": forwarded,
             "follow_redirects": False,
+            "stream": True,  # the body comes as it arrives (chunked replies, server-sent events)
         }
         if body:
             args["body"] = body
@@ -300,26 +309,62 @@ class ProxyServer:
             data = await self._request(args)
         except BrokerError as exc:
             raise _refusal(exc) from None
-        status = int(data["status"])
-        out = bytearray(f"HTTP/1.1 {status} {_reason(status)}\r\n".encode("ascii"))
-        length: str | None = None
-        for name, value in data.get("headers", []):
-            low = str(name).lower()
-            if low == "content-length":
-                length = str(value)
-            if low in _HOP_HEADERS:
-                continue
-            out += f"{name}: {value}\r\n".encode("latin-1")
-        payload = bytes(data.get("body") or b"")
-        if status >= 200 and status not in (204, 304):
-            # HEAD keeps the server's length; otherwise the length of what we send.
-            out += f"Content-Length: {length if method == 'HEAD' and length else len(payload)}\r\n".encode()
-        out += b"Connection: close\r\n\r\n"
-        writer.write(bytes(out) + (b"" if method == "HEAD" else payload))
-        await writer.drain()
+        stream = str(data["stream"])
+        state = _PumpState()
+        try:
+            status = int(data["status"])
+            out = bytearray(f"HTTP/1.1 {status} {_reason(status)}\r\n".encode("ascii"))
+            length: str | None = None
+            for name, value in data.get("headers", []):
+                low = str(name).lower()
+                if low == "content-length":
+                    length = str(value).strip()
+                if low in _HOP_HEADERS:
+                    continue
+                out += f"{name}: {value}\r\n".encode("latin-1")
+            bodyless = method == "HEAD" or status < 200 or status in (204, 304)
+            chunked = False
+            if length is not None and length.isdigit():
+                out += f"Content-Length: {length}\r\n".encode()  # the server's (h11 holds it to that)
+            elif not bodyless and chunked_ok:
+                out += b"Transfer-Encoding: chunked\r\n"
+                chunked = True
+            out += b"Connection: close\r\n\r\n"
+            writer.write(bytes(out))
+            await writer.drain()
+            await self._relay(stream, writer, state, chunked=chunked, send=not bodyless)
+        finally:
+            if not state.got_eof and state.needs_close:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._ctx.request("network", {"op": "close", "stream": stream}), 5)
+
+    async def _relay(
+        self, stream: str, writer: asyncio.StreamWriter, state: _PumpState, *, chunked: bool, send: bool
+    ) -> None:
+        """Write the body of a streamed fetch to the client as the broker hands it over."""
+        while True:
+            try:
+                got = await self._request(
+                    {"op": "read", "stream": stream, "max_bytes": self._chunk, "wait": self._wait}
+                )
+            except BrokerError as exc:
+                state.broker_error = exc.code
+                return  # the client sees a cut-off body (no final chunk, or short of Content-Length)
+            if got.get("closed"):
+                state.closed_by_broker = True
+            data = bytes(got.get("data") or b"")
+            if data and send:
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                await writer.drain()
+            if got.get("eof"):
+                state.got_eof = True
+                if chunked:
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+                return
 
 
-def _parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
+def _parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]], str]:
     try:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
@@ -334,7 +379,7 @@ def _parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
         if not sep or not _TOKEN_RE.match(name):
             raise _ProxyRefusal(400, "invalid_request", "malformed header line")
         headers.append((name, value.strip()))
-    return parts[0].upper(), parts[1], headers
+    return parts[0].upper(), parts[1], headers, parts[2]
 
 
 async def _read_body(headers: list[tuple[str, str]], reader: asyncio.StreamReader) -> bytes:

@@ -85,6 +85,9 @@ def ws(tmp_path: Path) -> Workspace:
     ):
         (ws.handlers / f"{name}.py").write_text(textwrap.dedent(source))
     (ws.scopes / "files.json").write_text(json.dumps({"version": "1.0", "description": "files"}))
+    for pack in ("a", "b"):  # installed, declaring nothing: `rumi grant` takes any of their components
+        (ws.ecosystem / pack).mkdir(parents=True)
+        (ws.ecosystem / pack / "pack.json").write_text(json.dumps({"id": pack, "version": "1"}))
     return ws
 
 
@@ -252,8 +255,10 @@ def test_grants_table_and_json(ws: Workspace, docs: Path) -> None:
     code, out, _ = cli(ws, "grants")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["COMPONENT", "PERMISSION", "STATUS", "SETTINGS"]
-    assert any(line.split()[:3] == ["a:tool:t", "files", "enabled"] and str(docs) in line for line in lines)
+    assert lines[0].split() == ["COMPONENT", "PERMISSION", "STATUS", "FROM", "SETTINGS"]
+    assert any(
+        line.split()[:4] == ["a:tool:t", "files", "enabled", "own"] and str(docs) in line for line in lines
+    )
     assert any("allowed_domains=example.com" in line and "allowed_ports=443" in line for line in lines)
     assert any(line.split()[:3] == ["b:tool:x", "files", "invalid"] for line in lines)
     assert any(

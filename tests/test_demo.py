@@ -41,6 +41,13 @@ def assert_table(stdout: str) -> None:
             audit = line.rsplit("  ", 1)[-1].split(" (")[0]
             assert re.fullmatch(r"#\d+ deny/permission_denied", audit), line
     assert "hash chain verified" in stdout
+    # Unmodified `requests` goes through the proxy as `default:pack:_`, which has no grant file of its
+    # own: it is allowed through the demo's Pack-wide grant; the SDK's request through the tool's own.
+    proxy = next(ln for ln in stdout.splitlines() if ln.startswith("GET it with unmodified `requests`"))
+    assert "(default:pack:_ via default:*)" in proxy, proxy
+    sdk = next(ln for ln in stdout.splitlines() if ln.startswith("GET the granted local service (SDK)"))
+    assert "via" not in sdk, sdk
+    assert "rumi grant 'default:*' network --domain 127.0.0.1 --port" in stdout
 
 
 def test_local_demo(tmp_path: object) -> None:

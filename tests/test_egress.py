@@ -7,6 +7,7 @@ loopback-only network namespace (`_netns`), with `allowed_domains: ["*"]` and ev
 from __future__ import annotations
 
 import ipaddress
+import re
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,24 @@ ENTRY_TABLE: list[tuple[str, Any]] = [
     ("fd00::/8", Network(ipaddress.ip_network("fd00::/8"))),
     ("::ffff:10.0.0.0/104", Network(ipaddress.ip_network("10.0.0.0/8"))),
     ("169.254.169.254/32", Network(ipaddress.ip_network("169.254.169.254/32"))),
+    # An entry may carry its own port (then allowed_ports does not apply to it).
+    ("api.example.com:443", HostName("api.example.com", 443)),
+    ("API.Example.com.:8443", HostName("api.example.com", 8443)),
+    ("*.example.com:443", SubdomainsOf("example.com", 443)),
+    ("*:443", AnyHost(443)),
+    ("10.0.0.5:8080", Address(ip("10.0.0.5"), 8080)),
+    ("[::1]:443", Address(ip("::1"), 443)),
+    ("[fd00::5]:8443", Address(ip("fd00::5"), 8443)),
+    ("[::ffff:127.0.0.1]:80", Address(ip("127.0.0.1"), 80)),
+    ("10.0.0.0/24:8080", Network(ipaddress.ip_network("10.0.0.0/24"), 8080)),
+    ("[fd00::/64]:8443", Network(ipaddress.ip_network("fd00::/64"), 8443)),
+    ("::1:443", Address(ip("::1:443"))),  # an IPv6 address without brackets never carries a port
 ]
 
 BAD_ENTRIES = [
-    "", "   ", "a.*.com", "*example.com", "**.example.com", "*.", "example.com:443", "[::1]:443",
+    "", "   ", "a.*.com", "*example.com", "**.example.com", "*.", "example.com:0", "example.com:65536",
+    "example.com:+443", "example.com:", "example.com:443:80", ":443", "[1.2.3.4]:80", "[::1]x", "[::1",
+    "[::1]:", "fd00::/8:443", "a:b:c", "example.com:\uff14\uff14\uff13",
     "https://example.com", "example.com/path", "10.0.0.0/33", "0x7f.1", "2130706433", "127.1", "1.2.3",
     "example.0x10", "exa mple.com", "-example.com", "example-.com", "a..b", ".example.com", "fe80::1%eth0",
     "x" * 64 + ".com", "*.*.example.com",
@@ -78,7 +93,9 @@ BAD_ENTRIES = [
 
 @pytest.mark.parametrize(("text", "expected"), ENTRY_TABLE)
 def test_grant_entries_are_normalised_once(text: str, expected: Any) -> None:
-    assert parse_host_entry(text) == expected
+    entry = parse_host_entry(text)
+    assert entry == expected
+    assert parse_host_entry(str(entry)) == entry  # an entry prints as it is written
 
 
 @pytest.mark.parametrize("text", BAD_ENTRIES)
@@ -131,12 +148,33 @@ MATCH_TABLE: list[tuple[list[str], str, bool]] = [
     (["::1"], "https://[0:0::1]/", True),
     (["10.0.0.0/8"], "https://[::ffff:10.1.2.3]/", True),
     (["example.com"], "https://example.com:443/", True),
+    # Entries with a port: that port only, whatever allowed_ports (here [443]) says.
+    (["example.com:8443"], "https://example.com:8443/", True),
+    (["example.com:8443"], "https://example.com/", False),
+    (["example.com:8443", "other.com"], "https://other.com:8443/", False),
+    (["*.example.com:80"], "http://a.example.com/", True),
+    (["*.example.com:80"], "https://a.example.com/", False),
+    (["*:80"], "http://anything.test/", True),
+    (["*:80"], "https://anything.test/", False),
+    (["*:80"], "http://127.0.0.1/", False),
+    (["127.0.0.1:8080"], "http://127.0.0.1:8080/", True),
+    (["127.0.0.1:8080"], "https://127.0.0.1/", False),
+    (["127.0.0.1:8080", "api.example.com"], "https://127.0.0.1/", False),  # the cross product is gone
+    (["127.0.0.1:8080", "api.example.com"], "https://api.example.com:8080/", False),
+    (["127.0.0.1:8080", "api.example.com"], "https://api.example.com/", True),
+    (["[::1]:8443"], "https://[::1]:8443/", True),
+    (["[::1]:8443"], "https://[::1]/", False),
+    (["10.0.0.0/24:8080"], "http://10.0.0.9:8080/", True),
+    (["10.0.0.0/24:8080"], "https://10.0.0.9/", False),
+    (["[fd00::/64]:8443"], "https://[fd00::9]:8443/", True),
+    (["[fd00::/64]:8443"], "https://[fd00::9]/", False),
 ]
 
 
 @pytest.mark.parametrize(("entries", "url", "allowed"), MATCH_TABLE)
 def test_grant_matching(entries: list[str], url: str, allowed: bool) -> None:
-    policy = EgressPolicy.from_grant(entries, [443])
+    # Matching alone: the load-time rule on wide CIDRs is tested below.
+    policy = EgressPolicy.from_grant(entries, [443], allow_wide_networks=True)
     dest = parse_destination(url)
     if allowed:
         policy.check_destination(dest)
@@ -157,6 +195,98 @@ def test_ports_must_be_granted_explicitly(url: str, port: int, allowed: bool) ->
     else:
         with pytest.raises(Denied, match="port"):
             policy.check_destination(parse_destination(url))
+
+
+def test_a_port_refusal_names_the_entry_that_would_allow_it() -> None:
+    policy = EgressPolicy.from_grant(["example.com", "10.0.0.5:8080", "[fd00::5]:8443"], [443])
+    cases = [
+        ("https://example.com:8080/", "port 8080 is not granted for example.com .*example.com:8080"),
+        ("https://10.0.0.5/", "port 443 is not granted for 10.0.0.5 .*10.0.0.5:443"),
+        ("https://[fd00::5]/", r"port 443 is not granted for fd00::5 .*\[fd00::5\]:443"),
+    ]
+    for url, message in cases:
+        with pytest.raises(Denied, match=message):
+            policy.check_destination(parse_destination(url))
+
+
+# (entry, why it needs allow_wide_networks, or None when it does not)
+WIDE_TABLE: list[tuple[str, str | None]] = [
+    ("0.0.0.0/0", "wider than /8"),
+    ("::/0", "wider than /16"),
+    ("8.0.0.0/7", "wider than /8"),
+    ("2000::/3", "wider than /16"),
+    ("fd00::/8", "wider than /16"),
+    ("127.0.0.0/8", "loopback"),
+    ("127.0.0.0/30:80", "loopback"),
+    ("::ffff:127.0.0.0/104", "loopback"),
+    ("0.0.0.0/8", "unspecified"),
+    ("0.0.0.0", "unspecified"),
+    ("[::]:80", "unspecified"),
+    ("169.254.0.0/16", "link-local and cloud metadata"),
+    ("169.254.169.0/24", "metadata"),
+    ("100.64.0.0/10", "metadata"),  # CGNAT holds Alibaba's 100.100.100.200
+    ("168.63.0.0/16", "Azure"),
+    ("fe80::/64", "link-local"),
+    ("[fd00:ec2::/64]:80", "metadata"),
+    ("64:ff9b::7f00:0/120", "loopback addresses, embedded in IPv6"),  # NAT64 of 127.0.0.0/24
+    ("2002:7f00::/24", "loopback addresses, embedded in IPv6"),  # 6to4 of 127/8
+    ("10.0.0.0/8", None),  # private, but nothing special at this layer (Rumi's pool: the policy's check)
+    ("192.168.0.0/16", None),
+    ("1.0.0.0/8", None),
+    ("fd12:3456::/32", None),
+    ("127.0.0.1", None),  # one address is named on purpose
+    ("127.0.0.1/32", None),
+    ("169.254.169.254", None),
+    ("[::1]:8080", None),
+    ("api.example.com", None),
+    ("*", None),
+]
+
+
+@pytest.mark.parametrize(("text", "why"), WIDE_TABLE)
+def test_wide_networks_need_allow_wide_networks(text: str, why: str | None) -> None:
+    assert (_egress.wide_network_reason(parse_host_entry(text)) is None) == (why is None)
+    EgressPolicy.from_grant([text], [443], allow_wide_networks=True)  # the flag allows every one
+    if why is None:
+        EgressPolicy.from_grant([text], [443])
+        return
+    with pytest.raises(ValueError) as info:
+        EgressPolicy.from_grant(["api.example.com", text], [443])
+    message = str(info.value)
+    assert why in message and '"allow_wide_networks": true' in message and "\n" not in message
+
+
+def test_reserved_networks_are_wide_too() -> None:
+    pool = ipaddress.ip_network("10.213.0.0/16")
+    for text in ("10.0.0.0/8", "10.213.5.0/24", "10.213.0.0/16:4222"):
+        with pytest.raises(ValueError, match=re.escape("Docker address pool 10.213.0.0/16")):
+            EgressPolicy.from_grant([text], [443], reserved=[pool])
+    EgressPolicy.from_grant(["10.214.0.0/16", "10.213.0.7"], [443], reserved=[pool])
+
+
+def test_tunnels_reach_port_443_only_unless_plaintext_is_granted() -> None:
+    entries = ["granted.test", "granted.test:8443", "127.0.0.1:9000"]
+    tls_only = EgressPolicy.from_grant(entries, [443])
+    plaintext = EgressPolicy.from_grant(entries, [443], plaintext_tunnel=True)
+    tls_only.check_tunnel(parse_destination("https://granted.test:443/"))
+    for url in ("https://granted.test:8443/", "https://127.0.0.1:9000/"):
+        dest = parse_destination(url)
+        tls_only.check_destination(dest)  # granted for a fetch ...
+        with pytest.raises(Denied, match='"plaintext_tunnel": true'):
+            tls_only.check_tunnel(dest)  # ... but no tunnel without the flag
+        plaintext.check_tunnel(dest)
+    with pytest.raises(Denied, match="port 80 is not granted"):
+        plaintext.check_tunnel(parse_destination("http://granted.test/"))  # the flag grants no port
+
+
+def test_a_resolved_address_needs_an_entry_for_the_requested_port() -> None:
+    dest = parse_destination("https://db.internal:5432/")
+    other_port = EgressPolicy.from_grant(["db.internal:5432", "10.1.2.3"], [443])
+    with pytest.raises(Denied, match=re.escape("granted on other ports only; add 10.1.2.3:5432")):
+        other_port.check_addresses(dest, [ip("10.1.2.3")])
+    same_port = EgressPolicy.from_grant(["db.internal:5432", "10.1.2.3:5432"], [])
+    assert same_port.check_addresses(dest, [ip("10.1.2.3")]) == (ip("10.1.2.3"),)
+    assert same_port.covers_address(ip("10.1.2.3"), 5432) and not same_port.covers_address(ip("10.1.2.3"), 443)
 
 
 # --- URL parsing ----------------------------------------------------------------------------------

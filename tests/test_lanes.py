@@ -110,7 +110,7 @@ async def test_a_second_recv_on_one_tunnel_is_refused_not_queued() -> None:
             "component_id": PACK_COMPONENT,
             "request_id": "open-1",
             "grant": {**scope_defaults(), "enabled": True, "allowed_domains": ["127.0.0.1"],
-                      "allowed_ports": [echo.port]},
+                      "allowed_ports": [echo.port], "plaintext_tunnel": True},  # echo is not on 443
             "limits": {"timeout": 30},
             "record_outcome": record_outcome,
         }  # fmt: skip

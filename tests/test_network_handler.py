@@ -56,7 +56,8 @@ async def scenario_ip_literal(payload: dict[str, Any]) -> dict[str, Any]:
     out["head"] = await call_network(grant, {"method": "HEAD", "url": plain.url("/ok")})
     out["mapped"] = await call_network(grant, get(f"http://[::ffff:127.0.0.1]:{plain.port}/ok"))
     out["other_loopback"] = await call_network(grant, get(f"http://127.0.0.2:{plain.port}/ok"))
-    out["cidr"] = await call_network({"allowed_domains": ["127.0.0.0/8"], "allowed_ports": [plain.port]},
+    out["cidr"] = await call_network({"allowed_domains": ["127.0.0.0/8"], "allowed_ports": [plain.port],
+                                      "allow_wide_networks": True},
                                      get(f"http://127.0.0.2:{plain.port}/ok"))
     out["requests"] = plain.requests
     plain.close()
@@ -387,10 +388,16 @@ def test_grant_schema_refuses_bad_entries() -> None:
     import msgspec
 
     schema = load_network_handler().META["grant_schema"]
-    good = msgspec.convert({"enabled": True, "allowed_domains": ["*.Example.com", "10.0.0.0/8", "*"],
+    good = msgspec.convert({"enabled": True, "allowed_domains": ["*.Example.com", "10.0.0.0/8", "*",
+                                                                 "example.com:443", "[fd00::5]:8443"],
                             "allowed_ports": [443]}, schema)
     assert good.enabled
-    for bad in ({"allowed_domains": ["a.*.com"]}, {"allowed_domains": ["example.com:443"]},
+    wide = msgspec.convert({"enabled": True, "allowed_domains": ["0.0.0.0/0", "127.0.0.0/8"],
+                            "allow_wide_networks": True}, schema)
+    assert wide.allow_wide_networks
+    # A ported entry is valid (`example.com:443`); port 0 and a wide CIDR without the flag are not.
+    for bad in ({"allowed_domains": ["a.*.com"]}, {"allowed_domains": ["example.com:0"]},
+                {"allowed_domains": ["0.0.0.0/0"]}, {"allowed_domains": ["127.0.0.0/8"]},
                 {"allowed_ports": [0]}, {"allowed_ports": [70000]}, {"allowed_domains": ["0x7f.1"]},
                 {"allowed_domains": ["https://example.com"]}, {"timeout": -1}, {"unknown": 1}):
         with pytest.raises(msgspec.ValidationError):

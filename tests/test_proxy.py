@@ -142,7 +142,7 @@ async def test_unmodified_clients_reach_granted_servers_end_to_end(
     tls, plain = TestServer("127.0.0.1", pki=pki), TestServer("127.0.0.1")
     try:
         write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"],
-                                                 "allowed_ports": [tls.port, plain.port]})
+                                                 "allowed_ports": [tls.port, plain.port], "plaintext_tunnel": True})
         async with proxy_stack(ws) as proxy_port:
             out = await run_clients(proxy_port, {"https": tls.url("/ok"), "http": plain.url("/ok")}, pki["ca"])
             events = await network_events(ws, 12)
@@ -204,7 +204,8 @@ async def test_sni_mismatch_is_refused_and_the_server_sees_no_handshake(
 ) -> None:
     tls = TestServer("127.0.0.1", pki=pki)
     try:
-        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [tls.port]})
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [tls.port],
+                                                 "plaintext_tunnel": True})
         async with proxy_stack(ws) as proxy_port:
             target = f"127.0.0.1:{tls.port}"
             mismatch = await anyio.to_thread.run_sync(tls_through, proxy_port, target, "granted.test", pki["ca"])
@@ -226,7 +227,7 @@ async def test_sni_mismatch_is_refused_and_the_server_sees_no_handshake(
 async def test_revocation_ends_a_proxied_tunnel(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
         write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
-                                                 "tunnel_idle_timeout": 1.5})
+                                                 "plaintext_tunnel": True, "tunnel_idle_timeout": 1.5})
         brokers: list[Any] = []
         async with proxy_stack(ws, brokers) as proxy_port:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
@@ -298,6 +299,34 @@ async def test_plain_http_forwarding_and_bad_requests(ws: Workspace, nats_server
         assert b"X-Rumi-Error: invalid_request" in answer, case
 
 
+@pytest.mark.anyio
+async def test_plaintext_goes_through_fetch_and_a_plaintext_tunnel_needs_its_grant(
+    ws: Workspace, nats_server: object
+) -> None:
+    plain = TestServer("127.0.0.1")
+    try:
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [plain.port]})
+        async with proxy_stack(ws) as port:
+            # Plain http:// is a fetch: the broker writes the Host header, whatever the client wrote.
+            fetched = await exchange(port, (
+                f"GET http://127.0.0.1:{plain.port}/echo HTTP/1.1\r\nHost: internal.admin.test\r\n\r\n"
+            ).encode())
+            # A tunnel there could carry any Host header: not without plaintext_tunnel.
+            tunnel = await exchange(port, f"CONNECT 127.0.0.1:{plain.port} HTTP/1.1\r\n\r\n".encode())
+            events = await network_events(ws, 3)
+    finally:
+        plain.close()
+    status, _, body = fetched.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200 OK"), fetched
+    hosts = [v for k, v in json.loads(body)["headers"] if k.lower() == "host"]
+    assert hosts == [f"127.0.0.1:{plain.port}"]
+    assert tunnel.startswith(b"HTTP/1.1 403 Forbidden") and b"X-Rumi-Error: permission_denied" in tunnel
+    assert b'"plaintext_tunnel": true' in tunnel
+    assert len(plain.requests) == 1  # the tunnel never connected
+    refused = [e for e in events if e["decision"] == "deny"]
+    assert len(refused) == 1 and refused[0]["phase"] == "decision"  # one event for the refused CONNECT
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("127.0.0.1:3128", ("127.0.0.1", 3128)),
     ("localhost:3128", ("127.0.0.1", 3128)),
@@ -360,7 +389,7 @@ async def scenario_names_through_the_proxy(payload: dict[str, Any]) -> dict[str,
         ws = Workspace.at(Path(tmp) / "ws")
         init_workspace(ws)
         write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["granted.test", "loop.test"],
-                                                 "allowed_ports": [server.port]})
+                                                 "allowed_ports": [server.port], "plaintext_tunnel": True})
         nats = EmbeddedServer(ws, ws.load_config(), port=free_port())
         nats.start()
         try:
@@ -441,7 +470,8 @@ async def test_measure_5mb_download_and_tunnel_open_latency(
     """Not a timing assertion: checks a 5 MiB body arrives intact and prints throughput and latency."""
     tls = TestServer("127.0.0.1", pki=pki)
     try:
-        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [tls.port]})
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [tls.port],
+                                                 "plaintext_tunnel": True})
         async with proxy_stack(ws) as proxy_port:
             url = tls.url(f"/big?n={5 * 1024 * 1024}")
             proc = await anyio.run_process(

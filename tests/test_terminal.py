@@ -608,14 +608,18 @@ def test_timeout_kills_and_removes(engine: Any, ws: Workspace, area: dict[str, P
 
 
 @pytest.mark.docker
-def test_timeout_is_capped(engine: Any, ws: Workspace, area: dict[str, Path]) -> None:
+def test_timeout_over_the_limit_is_refused_not_cut(engine: Any, ws: Workspace, area: dict[str, Path]) -> None:
+    """A limit the broker caps says so: a timeout above it is refused, naming the limit and its source."""
     ctx = context(ws, "terminal", {"directories": [str(area["grant"])], "max_timeout": 1})
-    started = time.monotonic()
-    out = terminal.execute(ctx, {"argv": ["sleep", "100"], "timeout": 50})["data"]
-    assert out["timed_out"] is True and time.monotonic() - started < 1 + 20
+    with pytest.raises(InvalidRequest, match=r"over the limit of 1 s .*max_timeout"):
+        terminal.execute(ctx, {"argv": ["sleep", "100"], "timeout": 50})
     ctx = context(ws, "terminal", {"directories": [str(area["grant"])]}, limits={"timeout": 4})
-    out = terminal.execute(ctx, {"argv": ["sleep", "100"], "timeout": 50})["data"]
+    with pytest.raises(InvalidRequest, match=r"over the limit of 3 s .*request_timeout of 4 s"):
+        terminal.execute(ctx, {"argv": ["sleep", "100"], "timeout": 50})
+    started = time.monotonic()
+    out = terminal.execute(ctx, {"argv": ["sleep", "100"]})["data"]
     assert out["timed_out"] is True, "answers before the broker's own request timeout"
+    assert time.monotonic() - started < 4 + 20
 
 
 @pytest.mark.docker

@@ -290,7 +290,8 @@ async def wait_for_grant(broker: Any, component: str, check: Callable[[dict[str,
 @pytest.mark.anyio
 async def test_tunnel_echo_one_decision_and_one_outcome(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]})
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                 "plaintext_tunnel": True})
         async with broker_and_pack(ws) as (_, pack):
             ctx = pack.context()
             opened = await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port})
@@ -330,7 +331,8 @@ async def test_tunnel_echo_one_decision_and_one_outcome(ws: Workspace, nats_serv
 @pytest.mark.anyio
 async def test_eof_both_ways_closes_the_tunnel_by_itself(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]})
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                 "plaintext_tunnel": True})
         async with broker_and_pack(ws) as (_, pack):
             ctx = pack.context()
             tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))["tunnel"]
@@ -356,7 +358,7 @@ async def test_eof_both_ways_closes_the_tunnel_by_itself(ws: Workspace, nats_ser
 @pytest.mark.anyio
 async def test_a_pack_cannot_use_another_packs_tunnel(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        grant = {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]}
+        grant = {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port], "plaintext_tunnel": True}
         for component in (PACK_COMPONENT, "other:pack:_", "default:tool:my_tool"):
             write_network_grant(ws, component, grant)
         async with running_broker(ws), connected_pack(ws) as pack, connected_pack(ws, "other") as other:
@@ -380,13 +382,15 @@ async def test_a_pack_cannot_use_another_packs_tunnel(ws: Workspace, nats_server
 @pytest.mark.anyio
 async def test_narrowed_grant_closes_the_tunnel_at_its_next_op(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]})
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                 "plaintext_tunnel": True})
         async with broker_and_pack(ws) as (broker, pack):
             ctx = pack.context()
             tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))["tunnel"]
             await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"before"})
             other_port = echo.port + 1 if echo.port < 65535 else 1
-            write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [other_port]})
+            write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [other_port],
+                                                     "plaintext_tunnel": True})
             await wait_for_grant(broker, PACK_COMPONENT, lambda g: g is not None and g["allowed_ports"] == [other_port])
             with pytest.raises(PermissionDenied) as denied:
                 await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"after"})
@@ -404,7 +408,7 @@ async def test_narrowed_grant_closes_the_tunnel_at_its_next_op(ws: Workspace, na
 async def test_revoked_grant_fails_the_next_op_and_the_tunnel_closes(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
         write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
-                                                 "tunnel_idle_timeout": 1.5})
+                                                 "plaintext_tunnel": True, "tunnel_idle_timeout": 1.5})
         async with broker_and_pack(ws) as (broker, pack):
             ctx = pack.context()
             tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))["tunnel"]
@@ -428,7 +432,7 @@ async def test_revoked_grant_fails_the_next_op_and_the_tunnel_closes(ws: Workspa
 async def test_caps_on_tunnels_bytes_and_idle_time(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
         write_network_grant(ws, PACK_COMPONENT, {
-            "allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+            "allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port], "plaintext_tunnel": True,
             "max_tunnels": 2, "max_tunnel_bytes": 20, "tunnel_idle_timeout": 1.0,
         })
         async with broker_and_pack(ws) as (_, pack):
@@ -462,6 +466,42 @@ async def test_caps_on_tunnels_bytes_and_idle_time(ws: Workspace, nats_server: o
 
 
 @pytest.mark.anyio
+async def test_a_tunnel_to_another_port_than_443_needs_plaintext_tunnel(ws: Workspace, nats_server: object) -> None:
+    async with EchoServer() as echo:
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]})
+        async with broker_and_pack(ws) as (broker, pack):
+            ctx = pack.context()
+            with pytest.raises(PermissionDenied) as refused:
+                await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port})
+            assert '"plaintext_tunnel": true' in refused.value.message
+            refusals = await network_events(ws, 1)
+            # A fetch to the same host and port stays granted (plain http: the broker writes Host).
+            with pytest.raises(BrokerError) as fetched:
+                await ctx.request("network", {"method": "GET", "url": f"http://127.0.0.1:{echo.port}/"})
+            assert fetched.value.code != "permission_denied"
+            # Granted: it opens; the flag taken away again closes it at its next op.
+            write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                     "plaintext_tunnel": True})
+            await wait_for_grant(broker, PACK_COMPONENT, lambda g: g is not None and g["plaintext_tunnel"] is True)
+            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))["tunnel"]
+            await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"plain"})
+            write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]})
+            await wait_for_grant(broker, PACK_COMPONENT, lambda g: g is not None and g["plaintext_tunnel"] is False)
+            with pytest.raises(PermissionDenied) as narrowed:
+                await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"more"})
+            assert "no longer covers" in narrowed.value.message
+        events = await network_events(ws, 6)
+    # The refusal is exactly one event: the decision, a deny (nothing was connected).
+    assert len(refusals) == 1 and refusals[0]["decision"] == "deny" and refusals[0]["phase"] == "decision"
+    assert refusals[0]["code"] == "permission_denied" and refusals[0]["target"] == f"127.0.0.1:{echo.port}"
+    assert echo.connections == 2  # the fetch, and the granted tunnel
+    assert echo.received.endswith(b"plain")
+    closes = [e for e in events if e["phase"] == "outcome" and e["decision"] == "allow" and "extra" in e
+              and "tunnel" in (e["extra"] or {})]
+    assert [e["extra"]["reason"] for e in closes] == ["revoked"]
+
+
+@pytest.mark.anyio
 async def test_invalid_op_combinations(ws: Workspace, nats_server: object) -> None:
     write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [9]})
     async with broker_and_pack(ws) as (_, pack):
@@ -491,7 +531,8 @@ async def test_sni_mismatch_is_refused_before_the_server_sees_a_handshake(
     pki = make_pki(tmp_path / "pki", ["granted.test"], ["127.0.0.1"])
     server = TestServer("127.0.0.1", pki=pki)
     try:
-        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [server.port]})
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [server.port],
+                                                 "plaintext_tunnel": True})
         async with broker_and_pack(ws) as (_, pack):
             ctx = pack.context()
             tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": server.port}))["tunnel"]
@@ -539,7 +580,7 @@ async def scenario_open_by_name(payload: dict[str, Any]) -> dict[str, Any]:
         context = {
             "pack_id": "p", "component_id": "p:pack:_", "request_id": f"r-{len(recorded)}-{args.get('op')}",
             "grant": {**scope_defaults(), "enabled": True, "allowed_domains": ["*.test"],
-                      "allowed_ports": [public.port], **(grant or {})},
+                      "allowed_ports": [public.port], "plaintext_tunnel": True, **(grant or {})},
             "limits": {"timeout": 30}, "audit": {}, "egress_resolver": resolver, "record_outcome": record_outcome,
         }
         try:
@@ -551,6 +592,8 @@ async def scenario_open_by_name(payload: dict[str, Any]) -> dict[str, Any]:
     for name in ("loop.test", "meta.test", "granted.test", "rebind.test"):
         out[name] = await call({"op": "open", "host": name, "port": public.port})
     out["port"] = await call({"op": "open", "host": "granted.test", "port": public.port + 1})
+    out["no_plaintext"] = await call({"op": "open", "host": "granted.test", "port": public.port},
+                                     {"plaintext_tunnel": False})
     out["metadata_literal"] = await call({"op": "open", "host": "169.254.169.254", "port": public.port},
                                          {"allowed_domains": ["*"]})
     tid = out["granted.test"]["data"]["tunnel"]
@@ -582,6 +625,9 @@ def test_open_by_name_uses_one_vetted_resolution() -> None:
         assert out[refused]["code"] == "permission_denied", out[refused]
     assert "loopback" in out["loop.test"]["message"] and "metadata" in out["meta.test"]["message"]
     assert out["port"]["code"] == "permission_denied" and "port" in out["port"]["message"]
+    # Not port 443 and no plaintext_tunnel: refused on the arguments, before any resolution.
+    assert out["no_plaintext"]["code"] == "permission_denied"
+    assert '"plaintext_tunnel": true' in out["no_plaintext"]["message"]
     assert out["granted.test"]["ok"] and out["send"]["ok"]
     assert out["response"].startswith("HTTP/1.1 200") and out["response"].endswith("hello")
     # rebind.test answered the public address first: the tunnel went there, and never asked again.
@@ -609,7 +655,7 @@ async def test_revocation_recheck_hook_closes_an_idle_tunnel() -> None:
 
     async with EchoServer() as echo:
         grant = {**scope_defaults(), "enabled": True, "allowed_domains": ["127.0.0.1"],
-                 "allowed_ports": [echo.port]}
+                 "allowed_ports": [echo.port], "plaintext_tunnel": True}
 
         def current_grant() -> dict[str, Any]:
             if not granted["enabled"]:

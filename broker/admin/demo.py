@@ -89,9 +89,11 @@ class Demo:
         result = anyio.run(_call_when_ready, self.ws, {"url": f"http://127.0.0.1:{self.port}/"}, 60.0)
         attempts = result["attempts"]
         time.sleep(0.3)
-        events = anyio.run(_events, self.ws)
+        events = anyio.run(_events, self.ws)  # the whole stream: the chain runs through every Pack
+        shown = [e for e in events if e.get("pack_id") == "default"]
         self.echo("[6/6] what the Pack tried, what the broker decided, and the audit event of each:\n")
-        for line in table_lines(attempts, match_events(attempts, events)):
+        sources = grant_sources(self.ws, shown)
+        for line in table_lines(attempts, match_events(attempts, shown, sources)):
             self.echo(line)
         report = verify_events(events)
         self.echo(
@@ -238,10 +240,11 @@ def start_local_service() -> http.server.ThreadingHTTPServer:
 
 
 def grant_demo_network(ws: Workspace, port: int) -> list[str]:
-    """Grant the local service (an IP-literal grant: the only way to reach loopback) to the tool and to
-    the Pack's own component, which unmodified libraries use through the proxy."""
+    """Grant the local service (an IP-literal grant: the only way to reach loopback) to the tool, and
+    Pack-wide (`default:*`) for every other component: unmodified libraries go through the proxy as
+    `default:pack:_`, which has no grant file of its own. The tool's own entry replaces the Pack-wide one."""
     commands = []
-    for component in ("default:tool:my_tool", "default:pack:_"):
+    for component in ("default:tool:my_tool", "default:*"):
         path = ws.grant_file(component)
         doc = (
             json.loads(path.read_text()) if path.exists() else {"component_id": component, "permissions": {}}
@@ -252,7 +255,8 @@ def grant_demo_network(ws: Workspace, port: int) -> list[str]:
             "allowed_ports": [port],
         }
         path.write_text(json.dumps(doc, indent=2) + "\n")
-        commands.append(f"rumi grant {component} network --domain 127.0.0.1 --port {port}")
+        shown = f"'{component}'" if "*" in component else component  # quoted for the shell
+        commands.append(f"rumi grant {shown} network --domain 127.0.0.1 --port {port}")
     return commands
 
 
@@ -270,21 +274,48 @@ async def _call_when_ready(ws: Workspace, args: dict[str, Any], timeout: float) 
 
 
 async def _events(ws: Workspace) -> list[dict[str, Any]]:
+    """Every stored event, of every Pack and the broker's own checkpoints (`_broker`): a broker's hash
+    chain runs through all of them, so only the whole stream verifies (one Pack's events alone show
+    a gap wherever a checkpoint was written between them). Filter to one Pack only to show it."""
     from broker.audit.trail import read_events
     from broker.bus.server import connect
 
     nc = await connect(ws, "audit", max_reconnect_attempts=0)
     try:
-        return [e async for e in read_events(nc, follow=False, pack="default", decision=None)]
+        return [e async for e in read_events(nc, follow=False, pack=None, decision=None)]
     finally:
         await nc.close()
 
 
-def match_events(attempts: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[str]:
+def grant_sources(ws: Workspace, events: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """(component, capability) of each allowed event → the grant file the broker's policy allows it
+    through now (the component id, or `<pack_id>:*` for a Pack-wide grant)."""
+    from broker.policy.grants import Policy
+
+    policy = Policy.for_workspace(ws)
+    found: dict[tuple[str, str], str] = {}
+    for e in events:
+        key = (str(e.get("component_id", "")), str(e.get("capability", "")))
+        if e.get("decision") != "allow" or key in found or not key[0]:
+            continue
+        try:
+            found[key] = policy.decide(str(e.get("pack_id", "")), *key).source
+        except RumiError:
+            continue  # revoked since: nothing to show
+    return found
+
+
+def match_events(
+    attempts: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    sources: dict[tuple[str, str], str] | None = None,
+) -> list[str]:
     """Pair each attempt with its audit event(s), grouped by request (the tool makes one after another).
 
     A request's first event is its decision (or, for a read, the one `complete` event); an outcome
     may be stored after the next request's decision, so events are grouped by request id, not by order.
+    A request made by another component than the tool names it, and, from `sources` (`grant_sources`),
+    a Pack-wide grant it was allowed through: `(default:pack:_ via default:*)`.
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for e in events:
@@ -298,8 +329,11 @@ def match_events(attempts: list[dict[str, Any]], events: list[dict[str, Any]]) -
             continue
         group = ordered[i]
         text = " → ".join(f"#{e['seq']} {e['decision']}/{e['code']}" for e in group)
-        if group[0]["component_id"] != "default:tool:my_tool":
-            text += f" ({group[0]['component_id']})"
+        component, capability = group[0]["component_id"], group[0]["capability"]
+        source = (sources or {}).get((component, capability), component)
+        via = f" via {source}" if source != component and group[-1]["decision"] == "allow" else ""
+        if component != "default:tool:my_tool" or via:
+            text += f" ({component}{via})"
         rows.append(text)
     return rows
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from importlib import resources
@@ -13,6 +12,7 @@ from broker.core.workspace import Workspace
 
 WORKSPACE_GITIGNORE = ".rumi/\npacks/\nsandbox/\ngrants/\n"
 DEMO_SECRET_KEY = "RUMI_DEMO_GREETING"  # noqa: S105 - a key name, not a secret
+EXAMPLE_PACK = "default"
 
 
 def defaults() -> Traversable:
@@ -63,27 +63,14 @@ def init_workspace(
 
 
 def _example_grant(ws: Workspace, written: list[Path]) -> None:
-    """The example Pack's tool gets its own sandbox for files and one demo key, nothing more."""
-    sandbox = ws.pack_work_area("default")
-    sandbox.mkdir(parents=True, exist_ok=True)
-    grant = ws.grant_file("default:tool:my_tool")
-    if not grant.exists():
-        grant.write_text(
-            json.dumps(
-                {
-                    "component_id": "default:tool:my_tool",
-                    "permissions": {
-                        "file_read": {"enabled": True, "directories": [str(sandbox)]},
-                        "file_write": {"enabled": True, "directories": [str(sandbox)]},
-                        "env_read": {"enabled": True, "allowed_keys": [DEMO_SECRET_KEY]},
-                        "terminal": {"enabled": True, "directories": [str(sandbox)]},
-                    },
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        written.append(grant)
+    """The example Pack gets what its pack.json declares (its tool: its own sandbox for files and
+    commands, one demo key), nothing more; grant files already there are left alone."""
+    from broker.admin.grants import grant_declared
+
+    ws.pack_work_area(EXAMPLE_PACK).mkdir(parents=True, exist_ok=True)
+    if (ws.pack_source(EXAMPLE_PACK) / "pack.json").is_file():
+        new = {d.path for d in grant_declared(ws, EXAMPLE_PACK, only_new_files=True)}
+        written.extend(sorted(new))
     secrets_file = ws.state / "secrets.env"
     if not secrets_file.exists():
         fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -4,8 +4,14 @@ The `network` handler (config/handlers/network.py) is a thin shell around `fetch
 
 - A grant is typed once (Deno style): each `allowed_domains` entry becomes a `HostEntry`
   (`AnyHost`, `HostName`, `SubdomainsOf`, `Address`, `Network`), names lowercased, trailing dot
-  removed, IDNA (UTS #46) to A-labels, IPv4-mapped IPv6 to IPv4. A request becomes a typed
-  `Destination` the same way, so matching is plain comparison.
+  removed, IDNA (UTS #46) to A-labels, IPv4-mapped IPv6 to IPv4. An entry may carry its own port
+  (`api.example.com:443`, `[fd00::5]:8443`); one without takes the ports in `allowed_ports`. A
+  request becomes a typed `Destination` the same way, so matching is plain comparison: one entry
+  must cover both the host and the port.
+- A CIDR wider than /8 (/16 for IPv6), or covering loopback, link-local or metadata addresses (or
+  networks the caller reserves: Rumi's own Docker pool), is refused unless the grant sets
+  `allow_wide_networks` (`wide_network_reason`). A tunnel (`EgressPolicy.check_tunnel`) goes to port
+  443 only unless the grant sets `plaintext_tunnel`.
 - The URL is parsed exactly once, by `httpx.URL` (the parser of the client that sends it); host and
   port for the check come from that object, and the same object is sent. Only `http`/`https`; user
   info, backslashes, control characters, odd ports and numeric hosts in non-dotted forms are refused.
@@ -15,8 +21,15 @@ The `network` handler (config/handlers/network.py) is a thin shell around `fetch
   address, and then connects to the address it checked: `PinnedBackend` is an httpcore network
   backend that dials only the vetted addresses of the one vetted origin, while the Host header, TLS
   SNI and certificate check use the original host name. There is no second DNS lookup to rebind.
+  `PinnedBackend` and `PinnedTransport` live in `broker.backends.pinned`; this module imports it, and
+  httpx, httpcore, ssl and asyncio, only inside the functions that parse a URL, send a request or run
+  a stream, so typing a grant (every handler file is loaded at `rumi grants`) loads no HTTP client.
 - Redirects are followed by hand, each hop checked again (scheme, grant, port, fresh resolution).
 - No proxy variables, no cookie jar, no automatic decompression: the transport is called directly.
+- `open_stream` is `fetch` with the final body left unread; `StreamTable` (one per event loop) then
+  hands it to the Pack as it arrives (`read`), bounded per stream by `StreamLimits` (bytes, lifetime,
+  idle time, streams per Pack) and re-checked against the current grant, and writes the request's
+  outcome event once, when the stream closes (like a tunnel).
 
 Errors are `broker.core.errors.RequestError` subclasses with messages safe to show the Pack::
 
@@ -29,25 +42,42 @@ Errors are `broker.core.errors.RequestError` subclasses with messages safe to sh
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
 import ipaddress
+import logging
 import re
+import secrets
 import socket
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
-import certifi
-import httpcore
-import httpx
-import idna
-from anyio.lowlevel import RunVar
 
-from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RequestError, Timeout, TooLarge
+from broker.core.errors import (
+    Denied,
+    HandlerFailed,
+    InvalidRequest,
+    RateLimited,
+    RequestError,
+    Timeout,
+    TooLarge,
+    Unavailable,
+)
+
+if TYPE_CHECKING:  # imported where a request is sent: see the module docstring
+    import asyncio
+    import ssl
+
+    import httpx
+    from anyio.lowlevel import RunVar
+
+    from broker.backends.pinned import PinnedBackend, PinnedTransport
 
 __all__ = [
     "Address",
@@ -60,21 +90,30 @@ __all__ = [
     "HostEntry",
     "HostName",
     "IPAddress",
+    "IPNetwork",
     "Network",
+    "OpenedStream",
     "PinnedBackend",
     "PinnedTransport",
     "Resolver",
+    "ResponseStream",
+    "StreamLimits",
+    "StreamTable",
     "SubdomainsOf",
     "destination_of",
     "fetch",
     "normalize_address",
     "normalize_host_name",
+    "open_stream",
     "parse_destination",
     "parse_host_entry",
     "refusal_reason",
     "resolve",
     "resolve_system",
+    "stream_table",
     "url_target",
+    "wide_network_reason",
+    "with_port",
 ]
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -183,7 +222,6 @@ _V6_RULES = _rules(
     )
 )
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_PORT_NUMBERS = frozenset(range(1, 65536))
 _GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 
 
@@ -233,12 +271,21 @@ def _parse_ip(text: str) -> IPAddress | None:
 # --- grant entries --------------------------------------------------------------------------------
 
 
+def with_port(host: str, port: int | None) -> str:
+    """`host` (a name, `*`, an IP or a CIDR) with `port` as an entry writes it: `[v6]:port`, `host:port`."""
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class AnyHost:
     """`*`: every name, and every IP literal whose address is not refused."""
 
+    port: int | None = None  # None: every port in allowed_ports (so for every entry type below)
+
     def __str__(self) -> str:
-        return "*"
+        return with_port("*", self.port)
 
 
 @dataclass(frozen=True)
@@ -246,9 +293,10 @@ class HostName:
     """One exact host name, in lowercase A-labels without trailing dot."""
 
     name: str
+    port: int | None = None
 
     def __str__(self) -> str:
-        return self.name
+        return with_port(self.name, self.port)
 
 
 @dataclass(frozen=True)
@@ -256,9 +304,10 @@ class SubdomainsOf:
     """`*.suffix`: any name below `suffix`, at any depth, but not `suffix` itself."""
 
     suffix: str
+    port: int | None = None
 
     def __str__(self) -> str:
-        return f"*.{self.suffix}"
+        return with_port(f"*.{self.suffix}", self.port)
 
 
 @dataclass(frozen=True)
@@ -266,9 +315,10 @@ class Address:
     """One IP address; the only way (with `Network`) to reach a refused address."""
 
     address: IPAddress
+    port: int | None = None
 
     def __str__(self) -> str:
-        return str(self.address)
+        return with_port(str(self.address), self.port)
 
 
 @dataclass(frozen=True)
@@ -276,9 +326,10 @@ class Network:
     """A CIDR block; it covers IP-literal URLs and resolved addresses inside it."""
 
     network: IPNetwork
+    port: int | None = None
 
     def __str__(self) -> str:
-        return str(self.network)
+        return with_port(str(self.network), self.port)
 
 
 HostEntry: TypeAlias = AnyHost | HostName | SubdomainsOf | Address | Network
@@ -304,6 +355,8 @@ def normalize_host_name(text: str) -> str:
     if name.isascii():
         name = name.lower()
     else:
+        import idna  # only for non-ASCII names
+
         try:
             name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
         except idna.IDNAError as exc:
@@ -314,38 +367,149 @@ def normalize_host_name(text: str) -> str:
     return name
 
 
+def _entry_port(digits: str, text: str) -> int:
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 5 and 1 <= int(digits) <= 65535):
+        raise ValueError(f"allowed_domains entry {text!r}: the port must be a number 1-65535")
+    return int(digits)
+
+
+def _split_entry_port(entry: str, text: str) -> tuple[str, int | None, bool]:
+    """(host part, port or None, bracketed) of an entry: `[v6]:port`, `[v6]`, `host:port` or `host`.
+
+    An IPv6 address or CIDR without brackets never carries a port (`::1:443` is an address).
+    """
+    if entry.startswith("["):
+        close = entry.find("]")
+        if close < 0:
+            raise ValueError(f"allowed_domains entry {text!r} opens '[' without closing it")
+        host, rest = entry[1:close], entry[close + 1 :]
+        if ":" not in host:
+            raise ValueError(f"allowed_domains entry {text!r}: brackets are for IPv6 only")
+        if not rest:
+            return host, None, True
+        if not rest.startswith(":"):
+            raise ValueError(f"allowed_domains entry {text!r}: write [IPv6]:port")
+        return host, _entry_port(rest[1:], text), True
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, _entry_port(port, text), False
+    return entry, None, False
+
+
 def parse_host_entry(text: str) -> HostEntry:
-    """One `allowed_domains` entry as a typed, normalised `HostEntry`; ValueError says what is wrong."""
+    """One `allowed_domains` entry as a typed, normalised `HostEntry`; ValueError says what is wrong.
+
+    Any entry may carry one port (`api.example.com:443`, `*.example.com:8443`, `10.0.0.5:8080`,
+    `10.0.0.0/24:8080`, `[fd00::5]:8443`, `[fd00::/64]:8443`, `*:443`): it then matches that port
+    only, whatever `allowed_ports` says. Without a port it matches every port in `allowed_ports`.
+    """
     entry = text.strip()
     if not entry:
         raise ValueError("an allowed_domains entry is empty")
-    if entry == "*":
-        return AnyHost()
     if "://" in entry:
-        raise ValueError(f"allowed_domains entry {text!r} is a URL; give only the host name")
-    if "/" in entry:
+        raise ValueError(f"allowed_domains entry {text!r} is a URL; give only the host name (and :port)")
+    host, port, bracketed = _split_entry_port(entry, text)
+    if host == "*":
+        return AnyHost(port)
+    if "/" in host:
         try:
-            net = ipaddress.ip_network(entry, strict=False)
+            net = ipaddress.ip_network(host, strict=False)
         except ValueError:
-            raise ValueError(f"allowed_domains entry {text!r} is not a valid CIDR block") from None
+            hint = "; write an IPv6 CIDR with a port as [fd00::/64]:443" if host.count(":") > 1 else ""
+            raise ValueError(f"allowed_domains entry {text!r} is not a valid CIDR block{hint}") from None
         if (
             isinstance(net, ipaddress.IPv6Network)
             and net.prefixlen >= 96
             and net.network_address.ipv4_mapped is not None
         ):
             mapped = net.network_address.ipv4_mapped
-            return Network(ipaddress.IPv4Network((int(mapped), net.prefixlen - 96)))
-        return Network(net)
-    address = _parse_ip(entry)
+            return Network(ipaddress.IPv4Network((int(mapped), net.prefixlen - 96)), port)
+        return Network(net, port)
+    address = _parse_ip(host)
     if address is not None:
-        return Address(address)
-    if entry.startswith("*."):
-        return SubdomainsOf(normalize_host_name(entry[2:]))
-    if "*" in entry:
+        return Address(address, port)
+    if bracketed or host.count(":") > 1:
+        raise ValueError(
+            f"allowed_domains entry {text!r} is not a valid IPv6 address (zone ids are not accepted)"
+        )
+    if host.startswith("*."):
+        return SubdomainsOf(normalize_host_name(host[2:]), port)
+    if "*" in host:
         raise ValueError(f"allowed_domains entry {text!r}: a wildcard may only be a leading '*.'")
-    if ":" in entry:
-        raise ValueError(f"allowed_domains entry {text!r} has a port; ports go in allowed_ports")
-    return HostName(normalize_host_name(entry))
+    return HostName(normalize_host_name(host), port)
+
+
+# --- networks that need `allow_wide_networks` -----------------------------------------------------
+
+
+def _embeddings(v4: ipaddress.IPv4Network) -> list[ipaddress.IPv6Network]:
+    """The IPv6 forms that carry an IPv4 block: IPv4-mapped, NAT64 (64:ff9b::/96) and 6to4 (2002::/16)."""
+    base = int(v4.network_address)
+    return [
+        ipaddress.IPv6Network(((0xFFFF << 32) | base, 96 + v4.prefixlen)),
+        ipaddress.IPv6Network((int(_NAT64.network_address) | base, 96 + v4.prefixlen)),
+        ipaddress.IPv6Network(((0x2002 << 112) | (base << 80), 16 + v4.prefixlen)),
+    ]
+
+
+_UNSPECIFIED = "the unspecified address, which reaches this host's loopback"
+_SENSITIVE_V4 = _rules(
+    (
+        ("0.0.0.0/32", _UNSPECIFIED),
+        ("127.0.0.0/8", "loopback addresses"),
+        ("169.254.0.0/16", "link-local and cloud metadata addresses"),
+        ("100.100.100.200/32", _METADATA),
+        ("192.0.0.192/32", _METADATA),
+        ("168.63.129.16/32", "a cloud platform address (Azure WireServer)"),
+    )
+)
+_SENSITIVE_V6: tuple[tuple[IPNetwork, str], ...] = (
+    *_rules(
+        (
+            ("::/128", _UNSPECIFIED),
+            ("::1/128", "loopback addresses"),
+            ("fe80::/10", "link-local addresses"),
+            ("fd00:ec2::254/128", _METADATA),
+        )
+    ),
+    *(
+        (embedded, f"{why}, embedded in IPv6")
+        for net, why in _SENSITIVE_V4
+        if isinstance(net, ipaddress.IPv4Network)
+        for embedded in _embeddings(net)
+    ),
+)
+WIDEST_PREFIX = {4: 8, 6: 16}
+"""Shortest prefix length a CIDR entry may have without `allow_wide_networks`."""
+
+
+def wide_network_reason(entry: HostEntry, reserved: Iterable[IPNetwork] = ()) -> str | None:
+    """Why `entry` may be granted only with `"allow_wide_networks": true`, else None.
+
+    A CIDR block (of more than one address) needs it when it is wider than /8 (IPv4) or /16 (IPv6)
+    or overlaps loopback, link-local or cloud-metadata addresses (also in IPv4-mapped, NAT64 and
+    6to4 forms) or one of the `reserved` networks (the caller's: Rumi's own Docker address pool).
+    A single address is named on purpose and needs it only when it is the unspecified address
+    (`0.0.0.0`, `::`), which reaches loopback.
+    """
+    if isinstance(entry, Address):
+        network: IPNetwork = ipaddress.ip_network(entry.address)
+    elif isinstance(entry, Network):
+        network = entry.network
+    else:
+        return None
+    if network.num_addresses == 1:
+        unspecified = network.network_address.is_unspecified
+        return f"is {_UNSPECIFIED}" if unspecified else None
+    if network.prefixlen < WIDEST_PREFIX[network.version]:
+        return f"is wider than /{WIDEST_PREFIX[network.version]}"
+    for sensitive, why in _SENSITIVE_V4 if network.version == 4 else _SENSITIVE_V6:
+        if network.overlaps(sensitive):
+            return f"covers {why} ({sensitive})"
+    for pool in reserved:
+        if pool.version == network.version and network.overlaps(pool):
+            return f"overlaps Rumi's own Docker address pool {pool}"
+    return None
 
 
 # --- the request's destination --------------------------------------------------------------------
@@ -443,6 +607,8 @@ def parse_destination(text: str) -> Destination:
     if not isinstance(text, str):
         raise InvalidRequest("url must be a string")
     _check_text(text)
+    import httpx  # the client's own parser (the same object is sent)
+
     try:
         url = httpx.URL(text)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
@@ -460,70 +626,127 @@ def url_target(text: object) -> str:
 
 # --- policy ---------------------------------------------------------------------------------------
 
+TLS_TUNNEL_PORT = 443
+"""The one port a tunnel may reach without `plaintext_tunnel` (its first bytes must be TLS there)."""
+
 
 @dataclass(frozen=True)
 class EgressPolicy:
-    """The typed form of one network grant: host entries and ports, both normalised."""
+    """The typed form of one network grant: host entries (each with its own port or none) and ports."""
 
     hosts: tuple[HostEntry, ...]
     ports: frozenset[int]
+    plaintext_tunnel: bool = False
 
     @classmethod
-    def from_grant(cls, allowed_domains: Iterable[str], allowed_ports: Iterable[int]) -> EgressPolicy:
-        """Build from the grant's lists; ValueError names the first bad entry."""
-        hosts = tuple(parse_host_entry(d) for d in allowed_domains)
-        ports = frozenset(allowed_ports)
-        # Set operations keep a grant of all 65535 ports cheap; bool and float are not port numbers.
-        if set(map(type, ports)) - {int} or not ports <= _PORT_NUMBERS:
-            bad = next(p for p in ports if type(p) is not int or p not in _PORT_NUMBERS)
-            raise ValueError(f"allowed_ports entry {bad!r} is not a port number 1-65535")
-        return cls(hosts=hosts, ports=ports)
+    def from_grant(
+        cls,
+        allowed_domains: Iterable[str],
+        allowed_ports: Iterable[int],
+        *,
+        allow_wide_networks: bool = False,
+        plaintext_tunnel: bool = False,
+        reserved: Iterable[IPNetwork] = (),
+    ) -> EgressPolicy:
+        """Build from the grant's lists; ValueError names the first bad entry.
 
-    def covers_address(self, address: IPAddress) -> bool:
-        """True if an IP or CIDR entry names `address` (names and wildcards never do)."""
-        address = normalize_address(address)
+        Without `allow_wide_networks`, a CIDR that `wide_network_reason` names is a bad entry.
+        """
+        texts = tuple(allowed_domains)
+        hosts = tuple(parse_host_entry(d) for d in texts)
+        ports = frozenset(allowed_ports)
+        # Whole-set checks keep a grant of all 65535 ports cheap; bool and float are not port numbers.
+        if set(map(type, ports)) - {int} or (ports and not (min(ports) >= 1 and max(ports) <= 65535)):
+            bad = next(p for p in ports if type(p) is not int or not 1 <= p <= 65535)
+            raise ValueError(f"allowed_ports entry {bad!r} is not a port number 1-65535")
+        if not allow_wide_networks:
+            pools = tuple(reserved)
+            for text, entry in zip(texts, hosts, strict=True):
+                why = wide_network_reason(entry, pools)
+                if why is not None:
+                    raise ValueError(
+                        f"allowed_domains entry {text.strip()!r} {why}; name the exact addresses, or set "
+                        '"allow_wide_networks": true in the grant to allow it'
+                    )
+        return cls(hosts=hosts, ports=ports, plaintext_tunnel=plaintext_tunnel)
+
+    def _port_ok(self, entry: HostEntry, port: int) -> bool:
+        return port in self.ports if entry.port is None else port == entry.port
+
+    def _covering(self, address: IPAddress) -> list[HostEntry]:
+        """The IP and CIDR entries naming `address` (names and wildcards never do)."""
+        found: list[HostEntry] = []
         for entry in self.hosts:
             if isinstance(entry, Address) and entry.address == address:
-                return True
-            if (
+                found.append(entry)
+            elif (
                 isinstance(entry, Network)
                 and entry.network.version == address.version
                 and address in entry.network
             ):
-                return True
-        return False
+                found.append(entry)
+        return found
 
-    def _allows_name(self, name: str) -> bool:
+    def covers_address(self, address: IPAddress, port: int | None = None) -> bool:
+        """True if an IP or CIDR entry names `address` (on `port`, when given)."""
+        covering = self._covering(normalize_address(address))
+        return any(port is None or self._port_ok(e, port) for e in covering)
+
+    def _names(self, name: str) -> list[HostEntry]:
+        found: list[HostEntry] = []
         for entry in self.hosts:
-            if isinstance(entry, AnyHost):
-                return True
-            if isinstance(entry, HostName) and entry.name == name:
-                return True
-            if isinstance(entry, SubdomainsOf) and name.endswith("." + entry.suffix):
-                return True
-        return False
+            if (
+                isinstance(entry, AnyHost)
+                or (isinstance(entry, HostName) and entry.name == name)
+                or (isinstance(entry, SubdomainsOf) and name.endswith("." + entry.suffix))
+            ):
+                found.append(entry)
+        return found
 
     def check_destination(self, dest: Destination) -> None:
-        """Raise `Denied` unless the grant covers the destination's host and port."""
+        """Raise `Denied` unless one entry covers the destination's host *and* its port."""
         if dest.address is not None:
-            if not self.covers_address(dest.address):
-                why = refusal_reason(dest.address)
-                if why is not None:
-                    raise Denied(f"address {dest.host} is {why}; grant it as an IP/CIDR entry to allow")
-                if not any(isinstance(e, AnyHost) for e in self.hosts):
-                    raise Denied(f"host {dest.host} is not granted (allowed_domains)")
-        elif not self._allows_name(dest.host):
+            matched = self._covering(dest.address)
+            why = refusal_reason(dest.address)
+            if why is None:
+                matched += [e for e in self.hosts if isinstance(e, AnyHost)]
+            elif not matched:
+                raise Denied(f"address {dest.host} is {why}; grant it as an IP/CIDR entry to allow")
+        else:
+            matched = self._names(dest.host)
+        if not matched:
             raise Denied(f"host {dest.host} is not granted (allowed_domains)")
-        if dest.port not in self.ports:
-            raise Denied(f"port {dest.port} is not granted (allowed_ports)")
+        if not any(self._port_ok(e, dest.port) for e in matched):
+            raise Denied(
+                f"port {dest.port} is not granted for {dest.host} "
+                f"(allowed_ports, or an allowed_domains entry {with_port(dest.host, dest.port)})"
+            )
+
+    def check_tunnel(self, dest: Destination) -> None:
+        """`check_destination` for a tunnel, and: a port other than 443 needs `plaintext_tunnel`.
+
+        On 443 the first bytes must be a TLS ClientHello naming the host (`tunnels.check_first_flight`);
+        anywhere else a Pack could send plaintext with any `Host:` header through a granted address.
+        """
+        self.check_destination(dest)
+        if dest.port != TLS_TUNNEL_PORT and not self.plaintext_tunnel:
+            raise Denied(
+                f"tunnels to port {dest.port} are not granted: only port {TLS_TUNNEL_PORT} (TLS) unless the "
+                'grant sets "plaintext_tunnel": true (plain http:// through the proxy needs no tunnel)'
+            )
 
     def check_addresses(self, dest: Destination, addresses: Sequence[IPAddress]) -> tuple[IPAddress, ...]:
-        """The addresses to dial for `dest`; `Denied` if any answer is refused and not covered."""
+        """The addresses to dial for `dest`; `Denied` if any answer is refused and not covered (on its port)."""
         if not addresses:
             raise HandlerFailed(f"host {dest.host} did not resolve to any address")
         for address in addresses:
             why = refusal_reason(address)
-            if why is not None and not self.covers_address(address):
+            if why is not None and not self.covers_address(address, dest.port):
+                if self.covers_address(address):
+                    raise Denied(
+                        f"address {address} of host {dest.host} is {why} and granted on other ports only; "
+                        f"add {with_port(str(normalize_address(address)), dest.port)} to allow"
+                    )
                 raise Denied(
                     f"address {address} of host {dest.host} is {why}; grant it as an IP/CIDR entry to allow"
                 )
@@ -532,8 +755,14 @@ class EgressPolicy:
 
 # --- resolution -----------------------------------------------------------------------------------
 
+
 # Lookups get their own worker threads: slow DNS must not starve the broker's other blocking work.
-_DNS_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("rumi_egress_dns_limiter")
+@functools.cache
+def _dns_limiter() -> RunVar[anyio.CapacityLimiter]:
+    """The one run variable holding each event loop's DNS limiter."""
+    from anyio.lowlevel import RunVar
+
+    return RunVar("rumi_egress_dns_limiter")
 
 
 async def resolve_system(host: str, port: int) -> list[IPAddress]:
@@ -541,11 +770,12 @@ async def resolve_system(host: str, port: int) -> list[IPAddress]:
     lookup = functools.partial(
         socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
     )
+    limiter_var = _dns_limiter()
     try:
-        limiter = _DNS_LIMITER.get()
+        limiter = limiter_var.get()
     except LookupError:
         limiter = anyio.CapacityLimiter(DNS_THREADS)
-        _DNS_LIMITER.set(limiter)
+        limiter_var.set(limiter)
     infos = await anyio.to_thread.run_sync(lookup, abandon_on_cancel=True, limiter=limiter)
     found: list[IPAddress] = []
     for family, _type, _proto, _canon, sockaddr in infos:
@@ -581,132 +811,6 @@ async def resolve(resolver: Resolver, dest: Destination) -> list[IPAddress]:
 
 
 # --- transport ------------------------------------------------------------------------------------
-
-
-class PinnedBackend(httpcore.AsyncNetworkBackend):
-    """A network backend that dials only the vetted addresses of one vetted (host, port).
-
-    httpcore asks it for `connect_tcp(host, port)` with the URL's own host; it answers by connecting to
-    the addresses checked for that host, in order, and refuses any other host, port or a Unix socket.
-    TLS then runs over that stream with `server_hostname` = the URL's host (SNI and certificate).
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        addresses: Sequence[IPAddress],
-        inner: httpcore.AsyncNetworkBackend | None = None,
-    ) -> None:
-        self._host = host
-        self._port = port
-        self._addresses = tuple(addresses)[:MAX_ADDRESSES_TRIED]
-        self._inner = inner if inner is not None else httpcore.AnyIOBackend()
-        self.dialed: list[IPAddress] = []
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        """Connect to the first vetted address that answers; anything unvetted is refused."""
-        if host != self._host or port != self._port or not self._addresses:
-            raise httpcore.ConnectError("refused: this origin was not vetted")
-        failure: Exception | None = None
-        for address in self._addresses:
-            self.dialed.append(address)
-            try:
-                return await self._inner.connect_tcp(
-                    str(address), port, timeout, local_address, socket_options
-                )
-            except httpcore.ConnectError as exc:
-                failure = exc
-        assert failure is not None
-        raise failure
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        """Never: a URL cannot name a Unix socket here."""
-        raise httpcore.ConnectError("refused: Unix sockets are not reachable")
-
-    async def sleep(self, seconds: float) -> None:
-        """Delegate to the wrapped backend."""
-        await self._inner.sleep(seconds)
-
-
-class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        if hasattr(self._stream, "aclose"):
-            await self._stream.aclose()
-
-
-class PinnedTransport(httpx.AsyncBaseTransport):
-    """An httpx transport over an httpcore pool that uses a `PinnedBackend` (HTTP/1.1, no retries).
-
-    httpcore exceptions are not translated to httpx ones: `fetch` maps them to contract errors.
-    Only the `timeout` extension passes through (no `sni_hostname` override can reach the pool).
-    """
-
-    def __init__(self, backend: PinnedBackend, ssl_context: ssl.SSLContext) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            http1=True,
-            http2=False,
-            retries=0,
-            max_connections=1,
-            network_backend=backend,
-        )
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send `request` through the pinned pool; the response body stays unread."""
-        assert isinstance(request.stream, httpx.AsyncByteStream)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions={k: v for k, v in request.extensions.items() if k == "timeout"},
-        )
-        response = await self._pool.handle_async_request(core_request)
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response.stream),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        """Close every connection of the pool."""
-        await self._pool.aclose()
-
-
-@functools.lru_cache(maxsize=1)
-def _default_ssl_context() -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=certifi.where())
-
-
-def _ssl_context(verify: ssl.SSLContext | str | None) -> ssl.SSLContext:
-    if verify is None:
-        return _default_ssl_context()
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    return ssl.create_default_context(cafile=verify)
 
 
 # --- the exchange ---------------------------------------------------------------------------------
@@ -779,16 +883,29 @@ def _check_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
 
 
 @dataclass
+class _OpenBody:
+    """A final response whose body is still unread: the caller owns (and must close) both."""
+
+    response: httpx.Response
+    transport: PinnedTransport
+    address: IPAddress | None  # the vetted address the connection went to
+    dest: Destination
+
+
+@dataclass
 class _Hop:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
     location: str | None
     sent: int
+    opened: _OpenBody | None = None
 
 
 def _connect_failure(dest: Destination, exc: BaseException) -> HandlerFailed:
     """A one-line reason from the exception chain (httpcore and anyio each wrap the OS error)."""
+    import ssl
+
     chain: list[BaseException] = []
     cause: BaseException | None = exc
     while cause is not None and len(chain) < 8:
@@ -831,12 +948,22 @@ async def _exchange(
     follow: bool,
     ssl_context: ssl.SSLContext,
     limits: EgressLimits,
+    keep_open: float | None = None,
 ) -> _Hop:
-    """One request/response on a fresh pinned connection; the body is read unless it is a redirect."""
-    backend = PinnedBackend(dest.connect_host, dest.port, addresses)
+    """One request/response on a fresh pinned connection; the body is read unless it is a redirect.
+
+    With `keep_open` (the longest wait for one read of the body, in seconds), a final response is
+    returned unread in `_Hop.opened`, and the caller owns its connection.
+    """
+    import httpcore
+    import httpx
+
+    from broker.backends.pinned import PinnedBackend, PinnedTransport
+
+    backend = PinnedBackend(dest.connect_host, dest.port, tuple(addresses)[:MAX_ADDRESSES_TRIED])
     timeout = {
         "connect": limits.timeout,
-        "read": limits.timeout,
+        "read": limits.timeout if keep_open is None else keep_open,
         "write": limits.timeout,
         "pool": limits.timeout,
     }
@@ -844,7 +971,9 @@ async def _exchange(
     request = httpx.Request(
         method, dest.url, headers=raw_headers, content=body or None, extensions={"timeout": timeout}
     )
-    async with PinnedTransport(backend, ssl_context) as transport:
+    transport = PinnedTransport(backend, ssl_context)
+    owned = True  # False once the open response (and so the transport) is handed to the caller
+    try:
         try:
             response = await transport.handle_async_request(request)
         except httpcore.ConnectError as exc:
@@ -858,10 +987,19 @@ async def _exchange(
                 except UnicodeDecodeError:
                     text = location.decode("latin-1")
                 return _Hop(response.status_code, raw, b"", text, len(body))
+            if keep_open is not None:
+                address = backend.dialed[-1] if backend.dialed else None
+                owned = False
+                opened = _OpenBody(response, transport, address, dest)
+                return _Hop(response.status_code, raw, b"", None, len(body), opened)
             data = b"" if method == "HEAD" else await _read_capped(response, limits.max_response_bytes, dest)
             return _Hop(response.status_code, raw, data, None, len(body))
         finally:
-            await response.aclose()
+            if owned:
+                await response.aclose()
+    finally:
+        if owned:
+            await transport.aclose()
 
 
 def _redirect_method(status: int, method: str) -> str:
@@ -874,6 +1012,8 @@ def _redirect_method(status: int, method: str) -> str:
 
 def _next_destination(dest: Destination, location: str) -> Destination:
     """The redirect target, with every syntax refusal turned into `Denied` (the server chose it)."""
+    import httpx
+
     try:
         _check_text(location)
         return destination_of(dest.url.join(location))
@@ -898,6 +1038,41 @@ async def fetch(
     the system resolver and certifi's CA bundle. `audit` receives safe fields as they become known:
     method, final_target, redirects, status, bytes_out, bytes_in (never headers, URLs or bodies).
     """
+    response, _ = await _perform(request, policy, limits, resolver, verify, audit, keep_open=None)
+    return response
+
+
+async def open_stream(
+    request: EgressRequest,
+    policy: EgressPolicy,
+    limits: EgressLimits,
+    *,
+    read_timeout: float,
+    resolver: Resolver | None = None,
+    verify: ssl.SSLContext | str | None = None,
+    audit: dict[str, Any] | None = None,
+) -> OpenedStream:
+    """`fetch`, except that the final response's body is left unread: status and headers now, the
+    body later through `StreamTable` (every rule of `fetch` applies; `max_response_bytes` does not,
+    the stream's own `StreamLimits.max_bytes` does). `read_timeout` bounds one wait for body bytes.
+    """
+    response, opened = await _perform(
+        request, policy, limits, resolver, verify, audit, keep_open=read_timeout
+    )
+    assert opened is not None
+    return OpenedStream(response=response, body=opened)
+
+
+async def _perform(
+    request: EgressRequest,
+    policy: EgressPolicy,
+    limits: EgressLimits,
+    resolver: Resolver | None,
+    verify: ssl.SSLContext | str | None,
+    audit: dict[str, Any] | None,
+    *,
+    keep_open: float | None,
+) -> tuple[EgressResponse, _OpenBody | None]:
     notes: dict[str, Any] = audit if audit is not None else {}
     method = _check_method(request.method)
     notes["method"] = method
@@ -906,8 +1081,12 @@ async def fetch(
     if len(body) > limits.max_request_bytes:
         raise TooLarge(f"request body is larger than {limits.max_request_bytes} bytes")
     dest = parse_destination(request.url)
+    import httpcore
+
+    from broker.backends.pinned import ssl_context as make_ssl_context
+
     resolver_fn: Resolver = resolver if resolver is not None else resolve_system
-    ssl_context = _ssl_context(verify)
+    ssl_context = make_ssl_context(verify)
     sent = 0
     came_from: str | None = None
     try:
@@ -923,19 +1102,23 @@ async def fetch(
                         raise
                     raise Denied(f"redirect from {came_from} refused: {exc.message}") from None
                 follow = limits.max_redirects > 0
-                result = await _exchange(dest, addresses, method, headers, body, follow, ssl_context, limits)
+                result = await _exchange(
+                    dest, addresses, method, headers, body, follow, ssl_context, limits, keep_open
+                )
                 sent += result.sent
                 notes["bytes_out"] = sent
                 notes["status"] = result.status
                 if result.location is None:
-                    notes["bytes_in"] = len(result.body)
-                    return EgressResponse(
+                    if result.opened is None:
+                        notes["bytes_in"] = len(result.body)
+                    response = EgressResponse(
                         status=result.status,
                         headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in result.headers],
                         body=result.body,
                         target=dest.target,
                         redirects=hop,
                     )
+                    return response, result.opened
                 if hop == limits.max_redirects:
                     break
                 nxt = _next_destination(dest, result.location)
@@ -959,3 +1142,379 @@ async def fetch(
     except httpcore.NetworkError:
         raise HandlerFailed(f"connection to {dest.target} failed during the exchange") from None
     raise HandlerFailed(f"more than {limits.max_redirects} redirects, last from {dest.target}")
+
+
+# --- streamed responses ---------------------------------------------------------------------------
+
+STREAM_CHUNK_BYTES = 1024 * 1024  # one `read`; well under the 8 MiB NATS payload
+STREAM_READ_AHEAD = 1024 * 1024  # body bytes the broker holds per stream before it stops reading
+STREAM_MAX_WAIT = 20.0  # longest `read` long-poll
+STREAM_REAP_INTERVAL = 0.5
+STREAM_GRANT_RECHECK = 1.0
+STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_CLOSE_TIMEOUT = 2.0
+
+StreamOutcome: TypeAlias = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+"""`record_outcome(open_request_id, target, fields)` from the broker's handler context."""
+
+log = logging.getLogger("rumi.broker.stream")
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Caps for streamed responses (grant keys, else these defaults)."""
+
+    max_bytes: int = 64 * 1024 * 1024  # `max_stream_bytes`: body bytes of one stream
+    max_seconds: float = 600.0  # `max_stream_seconds`: lifetime of one stream
+    idle_timeout: float = 60.0  # `stream_idle_timeout`: the Pack did not read for this long
+    max_streams: int = 16  # `max_streams`: open streams per Pack
+
+    def __post_init__(self) -> None:
+        if not (self.max_seconds > 0 and self.idle_timeout > 0):
+            raise ValueError("stream timeouts must be positive")
+        if self.max_bytes < 0 or self.max_streams < 0:
+            raise ValueError("stream limits must not be negative")
+
+    @classmethod
+    def from_grant(cls, grant: Mapping[str, Any]) -> StreamLimits:
+        """Grant (over scope) values, else the built-in defaults above."""
+        base = cls()
+
+        def pick(key: str, default: float) -> Any:
+            value = grant.get(key)
+            return default if value is None else value
+
+        return cls(
+            max_bytes=int(pick("max_stream_bytes", base.max_bytes)),
+            max_seconds=float(pick("max_stream_seconds", base.max_seconds)),
+            idle_timeout=float(pick("stream_idle_timeout", base.idle_timeout)),
+            max_streams=int(pick("max_streams", base.max_streams)),
+        )
+
+
+@dataclass(frozen=True)
+class OpenedStream:
+    """What `open_stream` returns: the final response's status and headers, its body still unread."""
+
+    response: EgressResponse  # body is b""
+    body: _OpenBody
+
+
+@dataclass(eq=False)
+class ResponseStream:
+    """One streamed response body, owned by one component of one Pack; see `StreamTable`."""
+
+    stream_id: str
+    pack_id: str
+    component_id: str
+    request_id: str  # the audited `fetch`; its outcome event is written at close
+    target: str  # that request's audited target: host:port of its first URL
+    dest: Destination  # the final hop
+    address: IPAddress | None
+    limits: StreamLimits
+    body: _OpenBody
+    record_outcome: StreamOutcome
+    notes: dict[str, Any]  # the fetch's audit fields (method, final_target, redirects, status, bytes_out)
+    opened: float
+    last_active: float
+    data_ready: asyncio.Event  # set when the pump added data or the stream ended
+    room: asyncio.Event  # set when the Pack took data (the pump may read ahead again)
+    read_lock: asyncio.Lock  # one `read` at a time
+    still_granted: Callable[[ResponseStream], bool] | None = None
+    buffer: bytearray = field(default_factory=bytearray)
+    received: int = 0  # body bytes read from the server
+    delivered: int = 0  # body bytes handed to the Pack
+    eof: bool = False
+    failure: str | None = None  # "upstream_error" or "upstream_timeout"
+    over_cap: bool = False
+    closed: bool = False
+    reason: str = ""
+    last_grant_check: float = 0.0
+    pump: asyncio.Task[None] | None = None
+
+
+class StreamTable:
+    """The open response streams of one event loop. Use `stream_table()`.
+
+    Keyed by (pack_id, stream id), so a Pack can never name another Pack's stream; bound to the
+    component that opened it. Bounds open streams per Pack, body bytes and lifetime per stream, closes
+    streams the Pack stopped reading, and completes each stream's audit record exactly once, at close.
+    A pump task per stream reads the body ahead (at most `STREAM_READ_AHEAD` bytes) as it arrives;
+    `read` hands over what is there, or waits for it.
+    """
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, reap_interval: float = STREAM_REAP_INTERVAL
+    ) -> None:
+        self._clock = clock
+        self._reap_interval = reap_interval
+        self._streams: dict[tuple[str, str], ResponseStream] = {}
+        self._opening: dict[str, int] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def open_count(self, pack_id: str) -> int:
+        """Streams of `pack_id` that are open (or being opened)."""
+        return sum(1 for p, _ in self._streams if p == pack_id) + self._opening.get(pack_id, 0)
+
+    def get(self, pack_id: str, component_id: str, stream_id: object) -> ResponseStream:
+        """The caller's own open stream; InvalidRequest for anything else (never says whose it is)."""
+        stream = self._streams.get((pack_id, stream_id)) if isinstance(stream_id, str) else None
+        if stream is None or stream.closed or stream.component_id != component_id:
+            raise InvalidRequest("no such stream (closed, timed out or never opened); fetch again")
+        return stream
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    # -- open ------------------------------------------------------------------------------------
+    async def open(
+        self,
+        *,
+        pack_id: str,
+        component_id: str,
+        request_id: str,
+        target: str,
+        limits: StreamLimits,
+        record_outcome: StreamOutcome,
+        notes: dict[str, Any],
+        start: Callable[[], Awaitable[OpenedStream]],
+        still_granted: Callable[[ResponseStream], bool] | None = None,
+    ) -> tuple[ResponseStream, EgressResponse]:
+        """Refuse past `max_streams`, else `start()` the request and register its body as a stream."""
+        import asyncio
+
+        if self.open_count(pack_id) >= limits.max_streams:
+            raise Denied(
+                f"this Pack already has {limits.max_streams} open streams (max_streams); "
+                "read one to its end or close it first"
+            )
+        self._opening[pack_id] = self._opening.get(pack_id, 0) + 1
+        try:
+            opened = await start()
+        finally:
+            self._opening[pack_id] -= 1
+            if not self._opening[pack_id]:
+                del self._opening[pack_id]
+        now = self._clock()
+        stream = ResponseStream(
+            stream_id=secrets.token_urlsafe(18),
+            pack_id=pack_id,
+            component_id=component_id,
+            request_id=request_id,
+            target=target,
+            dest=opened.body.dest,
+            address=opened.body.address,
+            limits=limits,
+            body=opened.body,
+            record_outcome=record_outcome,
+            notes=notes,
+            opened=now,
+            last_active=now,
+            data_ready=asyncio.Event(),
+            room=asyncio.Event(),
+            read_lock=asyncio.Lock(),
+            still_granted=still_granted,
+            last_grant_check=now,
+        )
+        self._streams[(pack_id, stream.stream_id)] = stream
+        loop = asyncio.get_running_loop()
+        stream.pump = loop.create_task(self._pump(stream), name="rumi-stream-pump")
+        if self._reaper is None or self._reaper.done():
+            self._reaper = loop.create_task(self._reap(), name="rumi-stream-reaper")
+        return stream, opened.response
+
+    async def _pump(self, stream: ResponseStream) -> None:
+        """Read the body as it arrives, at most `STREAM_READ_AHEAD` bytes ahead of the Pack."""
+        import httpcore
+
+        cap = stream.limits.max_bytes
+        try:
+            async for chunk in stream.body.response.aiter_raw():
+                if stream.received + len(chunk) > cap:
+                    stream.over_cap = True
+                    return
+                stream.buffer += chunk
+                stream.received += len(chunk)
+                stream.data_ready.set()
+                while len(stream.buffer) >= STREAM_READ_AHEAD and not stream.closed:
+                    stream.room.clear()
+                    await stream.room.wait()
+            stream.eof = True
+        except httpcore.TimeoutException:
+            stream.failure = "upstream_timeout"
+        except Exception:  # the connection broke, or the server sent invalid HTTP
+            stream.failure = "upstream_error"
+        finally:
+            stream.data_ready.set()
+
+    # -- data ------------------------------------------------------------------------------------
+    async def read(self, stream: ResponseStream, max_bytes: int, wait: float) -> dict[str, Any]:
+        """Up to `max_bytes` of the body, waiting at most `wait` s for the first byte.
+
+        One `read` at a time per stream: a second while one waits is refused at once, never queued
+        (each waiting read holds one of its Pack's in-flight slots). At the end of the body the
+        stream closes itself (`eof` and `closed` true): no `close` is needed.
+        """
+        import asyncio
+
+        if stream.read_lock.locked():
+            raise RateLimited("another read is already waiting on this stream")
+        async with stream.read_lock:
+            self._check_open(stream)
+            stream.last_active = self._clock()
+            if not stream.buffer and not self._ended(stream) and wait > 0:
+                stream.data_ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stream.data_ready.wait(), wait)
+            stream.last_active = self._clock()
+            if stream.closed:  # closed while this read waited (revoked, expired, stopping)
+                raise self._closed_error(stream)
+            if stream.buffer:
+                data = bytes(stream.buffer[:max_bytes])
+                del stream.buffer[:max_bytes]
+                stream.delivered += len(data)
+                stream.room.set()
+                done = stream.eof and not stream.buffer and not stream.closed
+                if done:
+                    await self.close(stream, "eof")
+                return {"data": data, "eof": done, "closed": done}
+            if stream.eof:
+                await self.close(stream, "eof")
+                return {"data": b"", "eof": True, "closed": True}
+            if stream.over_cap:
+                await self.close(stream, "byte_cap")
+                raise TooLarge(
+                    f"the response from {stream.dest.target} is larger than the stream's cap of "
+                    f"{stream.limits.max_bytes} bytes (max_stream_bytes); closed"
+                )
+            if stream.failure is not None:
+                await self.close(stream, stream.failure)
+                raise self._closed_error(stream)
+            return {"data": b"", "eof": False, "closed": False}
+
+    @staticmethod
+    def _ended(stream: ResponseStream) -> bool:
+        return stream.eof or stream.over_cap or stream.failure is not None or stream.closed
+
+    @staticmethod
+    def _closed_error(stream: ResponseStream) -> RequestError:
+        target = stream.dest.target
+        if stream.reason == "revoked":
+            return Denied(f"the grant no longer covers {target}; stream closed")
+        if stream.reason == "max_seconds":
+            return Timeout(
+                f"the stream reached its limit of {stream.limits.max_seconds:g} s (max_stream_seconds)"
+            )
+        if stream.reason == "upstream_timeout":
+            return Timeout(f"{target} sent nothing for too long; stream closed")
+        if stream.reason == "upstream_error":
+            return HandlerFailed(f"the connection to {target} failed during the response; stream closed")
+        if stream.reason == "broker_stopping":
+            return Unavailable("the broker is stopping; stream closed")
+        return InvalidRequest("no such stream (closed, timed out or never opened); fetch again")
+
+    # -- close -----------------------------------------------------------------------------------
+    async def close(self, stream: ResponseStream, reason: str) -> None:
+        """Close once: drop the connection and complete the `fetch` request's audit record."""
+        import asyncio
+
+        if stream.closed:
+            return
+        stream.closed = True
+        stream.reason = reason
+        self._streams.pop((stream.pack_id, stream.stream_id), None)
+        stream.data_ready.set()  # wake a waiting read now
+        stream.room.set()
+        pump = stream.pump
+        if pump is not None and not pump.done() and pump is not asyncio.current_task():
+            pump.cancel()
+            await asyncio.wait({pump}, timeout=_CLOSE_TIMEOUT)
+        # A broken connection is gone either way.
+        with contextlib.suppress(Exception), anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            await stream.body.response.aclose()
+            await stream.body.transport.aclose()
+        fields = {
+            **stream.notes,
+            "stream": stream.stream_id,
+            "bytes_in": stream.delivered,
+            "duration_ms": round((self._clock() - stream.opened) * 1000, 3),
+            "reason": reason,
+        }
+        if stream.address is not None:
+            fields["address"] = str(stream.address)
+        try:
+            await stream.record_outcome(stream.request_id, stream.target, fields)
+        except Exception:
+            log.exception("could not record the close of stream %s", stream.stream_id)
+
+    async def close_all(self, reason: str = "broker_stopping") -> None:
+        """Close every stream (broker shutdown)."""
+        for stream in list(self._streams.values()):
+            await self.close(stream, reason)
+
+    def _check_open(self, stream: ResponseStream) -> None:
+        if stream.closed:
+            raise InvalidRequest("no such stream (closed, timed out or never opened); fetch again")
+
+    async def check_granted(self, stream: ResponseStream, policy: EgressPolicy) -> None:
+        """Close the stream and raise Denied if the current grant no longer covers its destination."""
+        try:
+            policy.check_destination(stream.dest)
+            if stream.address is not None:
+                policy.check_addresses(stream.dest, (stream.address,))
+        except RequestError:
+            await self.close(stream, "revoked")
+            raise Denied(f"the grant no longer covers {stream.dest.target}; stream closed") from None
+
+    async def _reap(self) -> None:
+        """Close idle, expired and (when the broker can tell) revoked streams; ends when none are left."""
+        import asyncio
+
+        while self._streams:
+            await asyncio.sleep(self._reap_interval)
+            now = self._clock()
+            for stream in list(self._streams.values()):
+                try:
+                    reason = self._expired(stream, now)
+                    if reason is not None:
+                        await self.close(stream, reason)
+                except Exception:
+                    log.exception("stream reaper failed on stream %s", stream.stream_id)
+
+    def _expired(self, stream: ResponseStream, now: float) -> str | None:
+        if now - stream.opened >= stream.limits.max_seconds:
+            return "max_seconds"
+        if not stream.read_lock.locked() and now - stream.last_active >= stream.limits.idle_timeout:
+            return "idle"
+        if stream.still_granted is not None and now - stream.last_grant_check >= STREAM_GRANT_RECHECK:
+            stream.last_grant_check = now
+            if not stream.still_granted(stream):
+                return "revoked"
+        return None
+
+
+# One table per event loop: connections belong to a loop, and tests run several loops in one process.
+_STREAM_TABLES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamTable] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def stream_table() -> StreamTable:
+    """The running event loop's stream table (created on first use); survives handler reloads."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    table = _STREAM_TABLES.get(loop)
+    if table is None:
+        table = _STREAM_TABLES[loop] = StreamTable()
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    """`PinnedBackend` and `PinnedTransport` from `broker.backends.pinned`, imported on first use."""
+    if name in ("PinnedBackend", "PinnedTransport"):
+        from broker.backends import pinned
+
+        return getattr(pinned, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

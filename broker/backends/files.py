@@ -5,12 +5,28 @@ Every path a Pack sends is resolved by the kernel relative to a directory fd wit
 no following a link out of the grant, no race between checking and opening. Where ``openat2``
 is missing (Linux < 5.6, or filtered by seccomp) file access is refused, never emulated.
 
-On top of that every object reached is checked against the workspace's protected paths
-(``docker/.rumi``, grants, handlers, other Packs' sandboxes, ...) by device and inode, walking
-the real parent directories up to the grant root (whose own ancestors are checked once per grant
-load, see ``broker.core.protected``), so a symlink inside a grant does not reach them; a hard link
-to a protected file (its identity is in the protected-path index) is refused for reading and for
-writing over it.
+What is checked on top, per request (``broker.core.protected``), and nothing more:
+
+- the object itself (a read: the file, by its fd; a write: the entry it would replace, by ``lstat``):
+  its (st_dev, st_ino) against the protected-path index. The index holds the protected paths
+  themselves (``Workspace.protected_paths``: ``docker/.rumi``, grants, handlers, scopes, config,
+  ``ecosystem/``, other Packs' work areas, ...) and the entries beneath them: up to 64 levels under
+  ``docker/.rumi``, grants, handlers and scopes, two levels under ``ecosystem/`` and
+  ``docker/packs/``, one level under the others, at most ``MAX_ENTRIES`` in all. So a hard link
+  to a file the index holds (a credential, ``secrets.env``, a grant file) is refused wherever it
+  is, for reading and for writing over it; a hard link to a file deeper in another Pack's work
+  area, or beyond the cap, is not recognised by this rule;
+- its name in its directory, against the protected names (so a write cannot create one);
+- each real directory from the one holding the object up through ".." to the grant root, by
+  identity (on to "/" if the walk never meets the root); the grant root's own chain up to "/" is
+  checked once and cached per root;
+- the file system holding the object (a read: the opened file; a write: its directory), by
+  ``fstatfs`` f_type: proc, sysfs, devpts, cgroup and other pseudo file systems are refused
+  (devtmpfs, which reports tmpfs, by its device number in the mount table). The policy refuses
+  grants of such directories at load; this catches what is mounted beneath a grant later.
+
+Symlinks inside a grant are followed only where they stay beneath it; what is checked is where they
+lead (the final object and its real parents), not the links themselves.
 
 Stdlib and ctypes only: this module imports nothing of NATS, Docker or typer.
 """
@@ -30,7 +46,13 @@ import anyio
 
 from broker.core.context import HandlerContext
 from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RequestError, TooLarge, Unavailable
-from broker.core.protected import FileIdentity, ProtectedIndex, ProtectedSet, file_identity
+from broker.core.protected import (
+    FileIdentity,
+    ProtectedIndex,
+    ProtectedSet,
+    file_identity,
+    refuse_pseudo_fs,
+)
 
 if TYPE_CHECKING:
     from broker.core.workspace import Workspace
@@ -312,7 +334,8 @@ def _resolve(root_fd: int, rel: str) -> _Entry:
 def read_beneath(context: HandlerContext, path: str, max_bytes: int) -> bytes:
     """Read the regular file at absolute `path` inside one of `context.grant["directories"]`.
 
-    Refuses escapes, magic links, protected paths, non-regular files; TooLarge over `max_bytes`.
+    Refuses escapes, magic links, protected paths, non-regular files, files on pseudo file systems;
+    TooLarge over `max_bytes`.
     """
     fd = open_beneath(context, path, max_bytes)
     try:
@@ -380,6 +403,7 @@ def _open_for_read(root_fd: int, rel: str, max_bytes: int, protected: ProtectedS
             st = os.fstat(fd)
             if file_identity(st) != file_identity(entry.st) or not stat.S_ISREG(st.st_mode):
                 raise HandlerFailed("the file changed during the request; try again")
+            refuse_pseudo_fs(fd, st)  # one fstatfs: /proc, /sys, ... mounted beneath a grant
         except BaseException:
             os.close(fd)
             raise
@@ -409,12 +433,17 @@ def _temp_name(name: str) -> str:
     return f".{stem}.rumi-tmp-{token}"
 
 
-def write_beneath(context: HandlerContext, path: str, data: bytes, max_bytes: int) -> int:
+def write_beneath(
+    context: HandlerContext, path: str, data: bytes, max_bytes: int, *, parents: bool = False
+) -> int:
     """Atomically replace (or create) the file at absolute `path` inside a granted directory.
 
     Writes a temp file next to it, fsyncs, renames over the target and fsyncs the directory:
     readers see the old or the new content, never a mix. A symlink at the target is replaced,
     not followed. Returns the number of bytes written.
+
+    `parents`: first create the missing directories between the grant root and the file
+    (`_make_parents`: beneath the grant, each checked like the file itself).
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidRequest("data must be bytes")
@@ -430,16 +459,77 @@ def write_beneath(context: HandlerContext, path: str, data: bytes, max_bytes: in
     protected = protected_set(context)
     root_fd = _open_root(grant_dir)
     try:
+        if parents and dir_part != ".":
+            _make_parents(root_fd, dir_part, protected)
         return _write(root_fd, dir_part, name, bytes(data), protected)
     except OSError as exc:
+        if exc.errno == errno.ENOENT and not parents:
+            raise HandlerFailed(
+                "a directory of the path does not exist: create it first, or pass parents=True"
+            ) from None
         raise _safe_error(exc) from None
     finally:
         os.close(root_fd)
 
 
+_MAX_PARENTS = 32
+
+
+def _make_parents(root_fd: int, dir_part: str, protected: ProtectedSet) -> None:
+    """Create the directories of `dir_part` that are missing beneath `root_fd` (like ``mkdir -p``).
+
+    Walks one component at a time from the grant root: each is checked against the protected paths
+    (`check_entry`, as for a file written there) and made (0755, the umask applies) if missing, then
+    opened with openat2 beneath the root: an existing symlink is followed only while it stays beneath
+    the grant, a directory just made is opened without following any. A root broker gives a new
+    directory the owner of the one holding it, as `_write` does for files. Refused: "." and ".."
+    components and more than `_MAX_PARENTS` of them.
+    """
+    parts = _components(dir_part)
+    if any(part in (".", "..") for part in parts):
+        raise InvalidRequest("with parents=True the path must not contain . or .. components")
+    if len(parts) > _MAX_PARENTS:
+        raise InvalidRequest(f"with parents=True the path may have at most {_MAX_PARENTS} directories")
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    cur = os.dup(root_fd)
+    try:
+        for part in parts:
+            refuse_pseudo_fs(cur)
+            protected.check_entry(cur, part, root_fd=root_fd)
+            try:
+                os.mkdir(part, 0o755, dir_fd=cur)
+                created = True
+            except FileExistsError:
+                created = False
+            if created:
+                # Exactly the entry just made: no symlink that may have replaced it is followed.
+                nxt = _openat2_strict(cur, part, dir_flags)
+                if os.geteuid() == 0:
+                    owner = os.fstat(cur)
+                    os.fchown(nxt, owner.st_uid, owner.st_gid)
+            else:
+                nxt = _openat2_retrying(cur, part, dir_flags)
+            os.close(cur)
+            cur = nxt
+    finally:
+        os.close(cur)
+
+
+def _openat2_strict(dirfd: int, path: str, flags: int) -> int:
+    """openat2 beneath `dirfd` following no symlink at all (retrying EAGAIN)."""
+    for _ in range(_MAX_RETRIES):
+        try:
+            return openat2(dirfd, path, flags, 0, _BENEATH | RESOLVE_NO_SYMLINKS)
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
 def _write(root_fd: int, dir_part: str, name: str, data: bytes, protected: ProtectedSet) -> int:
     parent = _openat2_retrying(root_fd, dir_part, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        refuse_pseudo_fs(parent)  # the new file lands on the directory's file system
         protected.check_entry(parent, name, root_fd=root_fd)
         mode = 0o644
         try:

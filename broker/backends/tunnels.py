@@ -2,18 +2,23 @@
 
 The `network` handler's `open` op vets a host and port exactly like a fetch (grant, one resolution,
 address rules) and connects to the vetted address; `send`, `recv` and `close` then move bytes on
-that connection. Everything about a tunnel lives here:
+that connection. A tunnel goes to port 443 only, unless the grant sets `plaintext_tunnel`
+(`EgressPolicy.check_tunnel`): on 443 its first bytes must be TLS naming the host, while on any
+other port a Pack could write plaintext with whatever `Host:` header it likes to a granted address.
+Everything about a tunnel lives here:
 
 - `TunnelTable`: the open tunnels of one event loop, keyed by (pack_id, tunnel id), so a Pack can
   never name another Pack's tunnel. It bounds tunnels per Pack, bytes and lifetime per tunnel, closes
   idle ones, and completes each tunnel's audit record exactly once, when it closes.
 - `check_first_flight`: the first bytes a Pack sends are held until they are known to be either a TLS
-  ClientHello whose server name (SNI) is the tunnel's host, or (on a port other than 443) not TLS.
+  ClientHello whose server name (SNI) is the tunnel's host, or (on a port other than 443, which
+  only a `plaintext_tunnel` grant opens) not TLS.
 - `parse_client_hello`: a strict reader of TLS records carrying a ClientHello (fragments included).
 
 Errors are `broker.core.errors.RequestError` subclasses with messages safe to show the Pack::
 
-    Denied          SNI differs from the host, no SNI for a name, not TLS on 443, ECH, grant narrowed
+    Denied          SNI differs from the host, no SNI for a name, not TLS on 443, ECH, grant narrowed,
+                    a port other than 443 without `plaintext_tunnel`
     InvalidRequest  bad host or port, no such tunnel (closed, never opened, another Pack's)
     TooLarge        a chunk or the tunnel's byte cap exceeded
     HandlerFailed   the remote side refused, failed or stalled
@@ -34,6 +39,7 @@ from typing import Any, TypeAlias
 
 from broker.backends.egress import (
     MAX_ADDRESSES_TRIED,
+    TLS_TUNNEL_PORT,
     Destination,
     EgressPolicy,
     IPAddress,
@@ -236,15 +242,17 @@ def check_first_flight(
     Rules: bytes starting with 0x16 (a TLS handshake record) must be a well-formed ClientHello; its
     SNI must equal the tunnel host (case-insensitive, trailing dot ignored); a hello without SNI is
     allowed only when the host is an IP literal; a hello offering ECH/ESNI is refused. On port 443
-    the first bytes must be TLS. Other bytes on other ports pass (plain protocols). `final` means no
+    the first bytes must be TLS. Other bytes on other ports pass (plain protocols: such a tunnel
+    opens only under a `plaintext_tunnel` grant). `final` means no
     more bytes will come (the Pack sent EOF), so an incomplete hello is refused.
     """
     if not data:
         return FirstFlight.FORWARD if final else FirstFlight.NEED_MORE
     if data[0] != _TLS_HANDSHAKE:
-        if port == 443:
+        if port == TLS_TUNNEL_PORT:
             raise FirstFlightRefused(
-                "port 443 tunnels carry TLS only; the first bytes were not a TLS ClientHello", "not_tls"
+                f"port {TLS_TUNNEL_PORT} tunnels carry TLS only; the first bytes were not a TLS ClientHello",
+                "not_tls",
             )
         return FirstFlight.FORWARD
     try:
@@ -576,9 +584,10 @@ class TunnelTable:
             raise InvalidRequest("no such tunnel (closed, timed out or never opened); open a new one")
 
     async def check_granted(self, tunnel: Tunnel, policy: EgressPolicy) -> None:
-        """Close the tunnel and raise Denied if the current grant no longer covers its destination."""
+        """Close the tunnel and raise Denied if the current grant no longer covers its destination
+        (host, port, address, and the plaintext rule for a port other than 443)."""
         try:
-            policy.check_destination(tunnel.dest)
+            policy.check_tunnel(tunnel.dest)
             policy.check_addresses(tunnel.dest, (tunnel.address,))
         except RequestError:
             await self.close(tunnel, "revoked", abort=True)

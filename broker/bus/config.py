@@ -37,6 +37,11 @@ SYSTEM_ACCOUNT = "SYS"
 # The server's own default; raised when a Pack may send more, so its account limit is the one that binds.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
+# Ask mode (broker/service/approvals.py): only the admin identity lists and answers held requests.
+APPROVALS_PENDING = "rumi.admin.pending"  # request: every broker answers with the asks it holds
+APPROVALS_ANSWER = "rumi.admin.approve"  # .<broker instance>.<n>: approve or deny one ask
+APPROVALS_NOTICES = "rumi.admin.asks"  # broker → admin: an ask was made or settled
+
 _SYNC_RE = re.compile(r"^(always|[1-9][0-9]{0,8}(ms|s|m|h))$")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _SAFE_PATH_RE = re.compile(r'^[^"\\\x00-\x1f\x7f]+$')
@@ -173,16 +178,22 @@ def _rumi_account(roles: dict[str, Identity], packs: list[str]) -> list[str]:
     stream = AUDIT_STREAM
     broker = _user(
         roles["broker"],
-        publish=["rumi.audit.>", f"{js}.STREAM.INFO.{stream}"],
-        subscribe=["rumi.pack.*.req.>", STATUS_WILDCARD, inbox("broker")],
+        publish=["rumi.audit.>", f"{js}.STREAM.INFO.{stream}", APPROVALS_NOTICES],
+        subscribe=[
+            "rumi.pack.*.req.>",
+            STATUS_WILDCARD,
+            inbox("broker"),
+            APPROVALS_PENDING,
+            f"{APPROVALS_ANSWER}.*.*",
+        ],
         allow_responses=True,
         comment="broker: answers Pack requests, appends audit events; cannot change or delete the stream",
     )
     admin = _user(
         roles["admin"],
-        publish=[f"{js}.>"],
-        subscribe=[STATUS_WILDCARD, inbox("admin")],
-        comment="admin: JetStream administration (creates RUMI_AUDIT, RUMI_STATUS); used only by setup code",
+        publish=[f"{js}.>", APPROVALS_PENDING, f"{APPROVALS_ANSWER}.*.*"],
+        subscribe=[STATUS_WILDCARD, inbox("admin"), APPROVALS_NOTICES],
+        comment="admin: JetStream administration (setup code); lists and answers asks (`rumi approve`)",
     )
     cli = _user(
         roles["cli"],

@@ -2,7 +2,15 @@
 
 `ProtectedSet` is shared by the policy (refusing a grant that overlaps protected state at load) and
 the back-ends (refusing, per request, an object that is or lies beneath a protected path, or that is
-a hard link to a protected file). Stdlib only.
+a hard link to a protected file). Stdlib (and ctypes) only.
+
+Pseudo file systems (end of this module) are the other thing no grant may reach: `proc`, `sysfs`,
+`devtmpfs`, `devpts`, `cgroup` and the like hold kernel state, not files (`/proc/self/environ` is the
+broker's environment). They are told by type, not by path: the statfs(2) f_type magic number
+(`fs_type`, through ctypes: Python has no os.statfs), and for devtmpfs, which reports tmpfs, its
+device number in /proc/self/mountinfo (re-read when the mount table changes). The policy refuses a
+grant directory on or above one at load (`pseudo_fs_of_path`, `pseudo_mounts_within`); the file
+back-end checks each opened file's descriptor with one fstatfs (`refuse_pseudo_fs`).
 
 What a check compares against: `ProtectedIndex`
 -----------------------------------------------
@@ -79,9 +87,12 @@ checks every step, as before.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import functools
 import logging
 import os
+import re
 import select
 import stat
 import threading
@@ -89,14 +100,27 @@ import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.core.errors import Denied
 
 if TYPE_CHECKING:
     from broker.core.workspace import Workspace
 
-__all__ = ["MAX_ENTRIES", "FileIdentity", "ProtectedIndex", "ProtectedSet", "file_identity"]
+__all__ = [
+    "MAX_ENTRIES",
+    "PSEUDO_FS_MAGIC",
+    "PSEUDO_FS_TYPES",
+    "FileIdentity",
+    "ProtectedIndex",
+    "ProtectedSet",
+    "file_identity",
+    "fs_type",
+    "pseudo_fs_of_fd",
+    "pseudo_fs_of_path",
+    "pseudo_mounts_within",
+    "refuse_pseudo_fs",
+]
 
 log = logging.getLogger("rumi.protected")
 
@@ -858,3 +882,183 @@ def _any_ancestor(path: Path, pred: Callable[[FileIdentity], bool]) -> bool:
                 return any(pred(ident) for ident in walk)
         finally:
             os.close(fd)
+
+
+# --- pseudo file systems ------------------------------------------------------------------------------
+
+# statfs(2) f_type of file systems that hold kernel state rather than files (linux/magic.h; mqueue from
+# ipc/mqueue.c, configfs from fs/configfs). /proc/self/environ, /sys, a pty or a cgroup's controls are
+# never data a grant means to hand out. devtmpfs reports TMPFS_MAGIC or RAMFS_MAGIC: it is told apart by
+# its device number in the mount table (below).
+PSEUDO_FS_MAGIC: Mapping[int, str] = {
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x1CD1: "devpts",
+    0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0xF97CFF8C: "selinuxfs",
+    0x43415D53: "smackfs",
+    0x5A3C69F0: "apparmorfs",
+    0xCAFE4A11: "bpf",
+    0x42494E4D: "binfmt_misc",
+    0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs",
+    0x62656570: "configfs",
+    0x19800202: "mqueue",
+    0x65735543: "fusectl",
+    0x7655821: "resctrl",
+    0x6E736673: "nsfs",
+    0x9FA1: "openpromfs",
+    0x9FA2: "usbdevfs",
+    0x6C6F6F70: "binderfs",
+    0xABBA1974: "xenfs",
+    0x62646576: "bdev",
+    0x50495045: "pipefs",
+    0x534F434B: "sockfs",
+    0x09041934: "anon_inodefs",
+}
+_TMPFS_LIKE = frozenset({0x01021994, 0x858458F6})  # tmpfs, ramfs: what devtmpfs reports
+# Names in /proc/self/mountinfo of the same file systems (and devtmpfs, which has no magic of its own).
+PSEUDO_FS_TYPES = frozenset({*PSEUDO_FS_MAGIC.values(), "devtmpfs", "securityfs", "bpf", "rpc_pipefs"})
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs: f_type (__fsword_t, a `long` on the 64- and 32-bit Linux ABIs) comes first; the
+    # rest is room enough for every ABI's layout (at most 120 bytes).
+    _fields_ = (("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 248))
+
+
+def _load_statfs() -> tuple[Any, Any] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fstatfs, statfs = libc.fstatfs, libc.statfs
+    except (OSError, AttributeError):
+        return None
+    fstatfs.argtypes, fstatfs.restype = (ctypes.c_int, ctypes.POINTER(_Statfs)), ctypes.c_int
+    statfs.argtypes, statfs.restype = (ctypes.c_char_p, ctypes.POINTER(_Statfs)), ctypes.c_int
+    return fstatfs, statfs
+
+
+_statfs_calls = _load_statfs()
+_statfs_buffers = threading.local()  # one result buffer per thread: no allocation per call
+
+
+def fs_type(target: int | str | os.PathLike[str]) -> int:
+    """statfs(2) f_type of the file system holding `target` (an fd, or a path: followed); OSError if unknown."""
+    if _statfs_calls is None:
+        raise OSError(errno.ENOSYS, "statfs is not available; file access is refused")
+    buf = getattr(_statfs_buffers, "buf", None)
+    if buf is None:
+        buf = _statfs_buffers.buf = _Statfs()
+    if isinstance(target, int):
+        rc = _statfs_calls[0](target, buf)
+    else:
+        rc = _statfs_calls[1](os.fsencode(target), buf)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(buf.f_type) & 0xFFFFFFFF  # magic numbers are 32-bit; a sign-extended long is masked
+
+
+@dataclass(frozen=True, slots=True)
+class _PseudoMounts:
+    count: int  # the mount watch's count this was read at
+    devices: Mapping[int, str]  # st_dev -> file system type, for pseudo file systems
+    points: tuple[tuple[str, str], ...]  # (mount point, type) of pseudo file systems
+
+
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+_pseudo_lock = threading.Lock()
+_pseudo_cache: _PseudoMounts | None = None
+
+
+def _unescape(field: bytes) -> str:
+    """A mountinfo path field: space, tab, newline and backslash are escaped as \\ooo."""
+    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
+
+
+def _read_pseudo_mounts(count: int) -> _PseudoMounts:
+    devices: dict[int, str] = {}
+    points: list[tuple[str, str]] = []
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split(b" ")
+        try:
+            sep = fields.index(b"-", 6)
+            fstype = fields[sep + 1].decode("ascii", "replace")
+            major, minor = (int(n) for n in fields[2].split(b":"))
+        except (ValueError, IndexError):
+            continue
+        if fstype.split(".", 1)[0] in PSEUDO_FS_TYPES:  # "fuse.x" style subtypes keep the main type first
+            devices[os.makedev(major, minor)] = fstype
+            points.append((_unescape(fields[4]), fstype))
+    return _PseudoMounts(count, devices, tuple(points))
+
+
+def _pseudo_mounts() -> _PseudoMounts:
+    """The pseudo file systems of this process's mount table, re-read when a mount changed."""
+    global _pseudo_cache
+    count = _mounts().count()
+    cached = _pseudo_cache
+    if cached is not None and cached.count == count:
+        return cached
+    with _pseudo_lock:
+        if _pseudo_cache is None or _pseudo_cache.count != count:
+            _pseudo_cache = _read_pseudo_mounts(count)
+        return _pseudo_cache
+
+
+def pseudo_fs_of_fd(fd: int, st: os.stat_result | None = None) -> str | None:
+    """The type of pseudo file system (`proc`, `sysfs`, `devtmpfs`, ...) holding `fd`, or None.
+
+    One fstatfs(2); only on tmpfs/ramfs (what devtmpfs reports) the mount table is consulted too,
+    through its device number (`st`, the fd's fstat, when the caller has it).
+    """
+    magic = fs_type(fd)
+    kind = PSEUDO_FS_MAGIC.get(magic)
+    if kind is None and magic in _TMPFS_LIKE:
+        dev = (st if st is not None else os.fstat(fd)).st_dev
+        kind = _pseudo_mounts().devices.get(dev)
+    return kind
+
+
+def pseudo_fs_of_path(path: str | os.PathLike[str]) -> str | None:
+    """Like `pseudo_fs_of_fd` for a path (followed); a missing path is judged by its nearest existing
+    ancestor (a grant of `/proc/none` is still a grant on proc). OSError when nothing can be read."""
+    current = Path(os.path.abspath(path))
+    while True:
+        try:
+            magic = fs_type(current)
+            dev = os.stat(current).st_dev
+            break
+        except FileNotFoundError:
+            if current == current.parent:
+                raise
+            current = current.parent
+    kind = PSEUDO_FS_MAGIC.get(magic)
+    if kind is None and magic in _TMPFS_LIKE:
+        kind = _pseudo_mounts().devices.get(dev)
+    return kind
+
+
+def pseudo_mounts_within(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(mount point, type) of each pseudo file system mounted at or beneath `path` (resolved)."""
+    base = Path(os.path.realpath(path)).parts
+    return [(point, kind) for point, kind in _pseudo_mounts().points if _is_prefix(base, Path(point).parts)]
+
+
+def refuse_pseudo_fs(fd: int, st: os.stat_result | None = None) -> None:
+    """Raise Denied if `fd` is on a pseudo file system (kernel state, never served as a file)."""
+    try:
+        kind = pseudo_fs_of_fd(fd, st)
+    except OSError:
+        raise Denied("the file system type could not be checked; access refused") from None
+    if kind is not None:
+        raise Denied(f"path is on a {kind} file system (kernel state); it is never served")

@@ -7,12 +7,19 @@ and that component's grant file holds an enabled, valid entry for the capability
 Files (docs/architecture.md, "Workspace"):
 - `docker/scopes/<capability>.json`: `{"version": "1.0", "description": ..., "default_config": {...}}`.
 - `docker/grants/<component_id>.json`: `{"component_id": ..., "permissions": {"<capability>": {...}}}`.
+- `docker/grants/<pack_id>:*.json`: a Pack-wide grant, for every component of that Pack (the proxy's
+  `<pack_id>:pack:_` included). For one capability a component's own entry, enabled or not, replaces
+  the Pack-wide entry; the two are never merged (`grant_source`).
 
 Grant file rules (each failure is a `GrantError` naming the file and the field):
 - The file name must be `<component_id>.json` and the id must parse; each entry is checked against its
   handler's `grant_schema` (strict types, unknown keys refused) with the scope's `default_config`
   filling the schema keys the entry leaves out; every `directories` path must be absolute and must
-  not be, contain or lie inside a protected workspace path (resolved, so symlinks count).
+  not be, contain or lie inside a protected workspace path (resolved, so symlinks count), nor lie
+  on or above a pseudo file system (proc, sysfs, devtmpfs, cgroup, ...: by statfs type);
+  an `allowed_domains` CIDR overlapping Rumi's own Docker address pool (`network_pool`) needs
+  `"allow_wide_networks": true` (the network handler's schema checks the rest of that rule).
+- `allow_wide_networks` and `plaintext_tunnel` are grant-only keys: a scope may not default them.
 - Any such error makes the *whole file* invalid: that component is denied everything until it is
   fixed, and nothing else is affected. The one exception is an entry for a capability with no
   installed handler: it cannot grant anything, so it is reported and skipped and the rest of the
@@ -22,20 +29,21 @@ The grant a handler sees is `{**scope.default_config, **entry}`, where `entry` i
 grant_schema struct as builtins (schema defaults < scope defaults < keys written in the file).
 
 Everything reloads on change (`GrantStore.refresh`, cheap enough to poll every 0.2 s): handler files,
-scope files and grant files, and all grants are re-checked when handlers, scopes or the set of Pack
-sandboxes change. The check at load is complemented at run time by the handlers' own resolution
+scope files and grant files, and all grants are re-checked when handlers, scopes, the set of Pack
+sandboxes or docker/config.json change. The check at load is complemented at run time by the handlers' own resolution
 beneath each granted directory (a directory may become a symlink after it was granted).
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,13 +53,14 @@ import anyio.abc
 import msgspec
 
 from broker.core.errors import Denied, GrantError, ScopeError, UnknownCapability, WorkspaceError
-from broker.core.ids import CAPABILITY_RE, parse_component_id
-from broker.core.protected import ProtectedIndex, ProtectedSet
-from broker.core.workspace import Workspace
+from broker.core.ids import CAPABILITY_RE, is_pack_wide, pack_wide_id, parse_component_id
+from broker.core.protected import ProtectedIndex, ProtectedSet, pseudo_fs_of_path, pseudo_mounts_within
+from broker.core.workspace import RumiConfig, Workspace
 from broker.policy.plugins import HandlerPlugin, HandlerRegistry, WatchedDirectory, display_path
 
 __all__ = [
     "Decision",
+    "EffectiveGrant",
     "GrantEntry",
     "GrantFile",
     "GrantFileState",
@@ -62,6 +71,8 @@ __all__ = [
     "ScopeStore",
     "check_directory",
     "check_grant_document",
+    "effective_grants",
+    "grant_source",
     "load_scope_source",
     "load_scopes",
     "schema_documents",
@@ -72,6 +83,37 @@ log = logging.getLogger("rumi.policy")
 
 MAX_POLICY_FILE_BYTES = 1024 * 1024
 _AT_RE = re.compile(r" - at `\$([^`]*)`$")
+GRANT_ONLY_KEYS = ("allow_wide_networks", "plaintext_tunnel")
+"""Grant keys that widen what a grant reaches: never a scope default, always written per component."""
+# An `allowed_domains` entry that is a CIDR block, with or without a port: `[v6/len]:port`, `v4/len:port`.
+_CIDR_ENTRY_RE = re.compile(r"^\[([^\[\]]*/[0-9]+)\](?::[0-9]+)?$|^([^\[\]]*/[0-9]+)(?::[0-9]+)?$")
+# Ask mode (docs/ask-mode.md): keys of every grant entry, read by the broker, not by the handler's schema.
+ASK_KEYS = ("mode", "ask_timeout")
+DEFAULT_ASK_TIMEOUT = 20.0
+SDK_REQUEST_TIMEOUT = 30.0  # pack_runtime.Pack's default request_timeout
+# An unanswered ask is denied 2 s before the SDK would give up: the Pack sees a deny, never a timeout.
+MAX_ASK_TIMEOUT = SDK_REQUEST_TIMEOUT - 2
+
+
+def _ask_settings(shown: str, where: str, raw: dict[str, Any]) -> dict[str, Any] | GrantError:
+    """The ask-mode keys an entry writes, checked: `mode` "allow"|"ask", `ask_timeout` 0 < s < 28."""
+    found: dict[str, Any] = {}
+    if "mode" in raw:
+        if raw["mode"] not in ("allow", "ask"):
+            return GrantError(
+                f'{shown}: mode must be "allow" or "ask", got {raw["mode"]!r} - at `{where}.mode`'
+            )
+        found["mode"] = raw["mode"]
+    if "ask_timeout" in raw:
+        value = raw["ask_timeout"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < MAX_ASK_TIMEOUT:
+            return GrantError(
+                f"{shown}: ask_timeout must be seconds above 0 and below {MAX_ASK_TIMEOUT:g} (the Pack SDK's "
+                f"{SDK_REQUEST_TIMEOUT:g} s request timeout minus 2 s, so an unanswered request is denied, not "
+                f"timed out), got {value!r} - at `{where}.ask_timeout`"
+            )
+        found["ask_timeout"] = float(value)
+    return found
 
 
 # --- scopes ------------------------------------------------------------------------------------------
@@ -103,6 +145,12 @@ def load_scope_source(path: Path, data: bytes) -> Scope:
         raise ScopeError(
             f"{shown}: only a grant enables a capability; remove `enabled` - at `$.default_config.enabled`"
         )
+    for key in (*GRANT_ONLY_KEYS, *ASK_KEYS):  # ask mode is per component too
+        if key in scope.default_config:
+            raise ScopeError(
+                f"{shown}: `{key}` may only be set in a grant, one component at a time; remove it "
+                f"- at `$.default_config.{key}`"
+            )
     return scope
 
 
@@ -219,18 +267,42 @@ def _within(inner: _Parts, outer: _Parts) -> bool:
     return inner[: len(outer)] == outer
 
 
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _reserved_networks(ws: Workspace) -> tuple[tuple[_IPNetwork, str], ...]:
+    """Rumi's own Docker address pool (`network_pool`), and its IPv4-mapped IPv6 form, each with how to
+    show it. The default pool when docker/config.json cannot be read (the broker refuses to start then)."""
+    try:
+        text = ws.load_config().network_pool
+    except WorkspaceError:
+        text = RumiConfig().network_pool
+    try:
+        pool = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        pool = ipaddress.ip_network(RumiConfig().network_pool)
+    shown = f"{pool} (network_pool in docker/config.json)"
+    found: list[tuple[_IPNetwork, str]] = [(pool, shown)]
+    if isinstance(pool, ipaddress.IPv4Network):
+        mapped = ipaddress.IPv6Network(((0xFFFF << 32) | int(pool.network_address), 96 + pool.prefixlen))
+        found.append((mapped, shown))
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class _ProtectedForms:
-    """One Pack's protected paths, both forms each, with the sandbox root; built once per check pass."""
+    """One Pack's protected paths, both forms each, with the sandbox root and the workspace's reserved
+    networks; built once per check pass."""
 
     pack_id: str | None
     paths: list[tuple[_Parts, str]]
     sandboxes: list[_Parts]
+    networks: tuple[tuple[_IPNetwork, str], ...] = ()
 
     @classmethod
     def of(cls, ws: Workspace, pack_id: str | None) -> _ProtectedForms:
         paths = [(form, str(path)) for path in ws.protected_paths(pack_id) for form in _forms(path)]
-        return cls(pack_id, list(dict.fromkeys(paths)), _forms(ws.work_areas))
+        return cls(pack_id, list(dict.fromkeys(paths)), _forms(ws.work_areas), _reserved_networks(ws))
 
 
 def check_directory(
@@ -240,7 +312,9 @@ def check_directory(
 
     Refused: not an absolute path; is, contains or is inside a protected workspace path (compared
     component-wise, as written and resolved); is or contains the sandbox root, or is inside another
-    Pack's sandbox (also one not created yet).
+    Pack's sandbox (also one not created yet); lies on a pseudo file system (proc, sysfs, devtmpfs,
+    devpts, cgroup, ...: told by statfs f_type, not by name; a missing directory by its nearest
+    existing parent) or has one mounted at or beneath it.
     """
     if not isinstance(directory, str) or not directory or "\0" in directory or not os.path.isabs(directory):
         return f"directory {directory!r} must be an absolute path"
@@ -265,6 +339,27 @@ def check_directory(
             own = (*sandbox, pack_id) if pack_id else None
             if _within(form, sandbox) and (own is None or not _within(form, own)):
                 return f"directory {directory!r} is inside another Pack's sandbox under {ws.work_areas}"
+    return _pseudo_fs_problem(directory)
+
+
+def _pseudo_fs_problem(directory: str) -> str | None:
+    """Why `directory` is kernel state rather than files (a pseudo file system on or beneath it)."""
+    try:
+        kind = pseudo_fs_of_path(directory)
+        beneath = pseudo_mounts_within(directory)
+    except OSError as exc:
+        return f"directory {directory!r}: its file system cannot be checked ({exc.strerror})"
+    if kind is not None:
+        return (
+            f"directory {directory!r} is on a {kind} file system (kernel state, not files); "
+            "grant a directory on a real file system"
+        )
+    if beneath:
+        point, kind = beneath[0]
+        return (
+            f"directory {directory!r} has a {kind} file system mounted at {point}; "
+            "grant a directory without one beneath it"
+        )
     return None
 
 
@@ -343,7 +438,7 @@ def _read_grant_document(path: Path, data: bytes) -> tuple[str, _GrantFileLoose]
     shown = display_path(path)
     name = path.name.removesuffix(".json")
     try:
-        pack_id = parse_component_id(name)[0]
+        pack_id = parse_component_id(name, pack_wide=True)[0]
     except ValueError as exc:
         return _invalid_file(path, f"{shown}: file name must be <component_id>.json: {exc}")
     try:
@@ -398,6 +493,10 @@ class _EntryCheck:
             )
         scope = self.scopes.scopes.get(cap)
         scope_config = scope.default_config if scope is not None else {}
+        ask = _ask_settings(shown, where, raw)
+        if isinstance(ask, GrantError):
+            return ask
+        raw = {k: v for k, v in raw.items() if k not in ASK_KEYS}
         names = _field_names(plugin.grant_schema)
         unknown = sorted(k for k in raw if k not in names)
         if unknown:
@@ -406,9 +505,11 @@ class _EntryCheck:
         struct = self._convert(cap, raw, from_scope, plugin)
         if isinstance(struct, GrantError):
             return struct
-        entry = msgspec.to_builtins(struct)
+        entry = {**msgspec.to_builtins(struct), **ask}
         merged = {**scope_config, **entry}
         problem = self._directories(cap, merged.get("directories"), from_written="directories" in raw)
+        if problem is None:
+            problem = self._networks(cap, merged, from_written="allowed_domains" in raw)
         if problem is not None:
             return problem
         return entry, merged
@@ -435,6 +536,38 @@ class _EntryCheck:
             detail = " ".join(str(exc).split())
             return GrantError(f"{shown}: {type(exc).__name__}: {detail} - at `{where}`")
         return struct
+
+    def _networks(self, cap: str, merged: Mapping[str, Any], *, from_written: bool) -> GrantError | None:
+        """A CIDR entry overlapping Rumi's own Docker address pool needs `allow_wide_networks` (the
+        handler's own check knows loopback, link-local, metadata and width, but not the workspace)."""
+        domains = merged.get("allowed_domains")
+        if not isinstance(domains, list) or merged.get("allow_wide_networks") is True:
+            return None
+        for text in domains:
+            m = _CIDR_ENTRY_RE.match(text.strip()) if isinstance(text, str) else None
+            if m is None:
+                continue
+            try:
+                net = ipaddress.ip_network(m.group(1) or m.group(2), strict=False)
+            except ValueError:
+                continue  # the handler's grant_schema refuses it with its own message
+            if net.num_addresses == 1:
+                continue  # one address is named on purpose
+            for pool, shown in self.protected.networks:
+                if pool.version == net.version and net.overlaps(pool):
+                    problem = (
+                        f"allowed_domains entry {text.strip()!r} overlaps Rumi's own Docker address pool "
+                        f'{shown}; name the exact addresses, or set "allow_wide_networks": true in the '
+                        "grant to allow it"
+                    )
+                    where = f"$.permissions.{cap}"
+                    if from_written:
+                        return GrantError(f"{self.shown}: {problem} - at `{where}.allowed_domains`")
+                    return GrantError(
+                        f"{self.shown}: {where} takes a bad default from {self._scope_shown(cap)}: "
+                        f"{problem} - at `$.default_config.allowed_domains`"
+                    )
+        return None
 
     def _directories(self, cap: str, directories: object, *, from_written: bool) -> GrantError | None:
         if directories is None:
@@ -465,13 +598,33 @@ class _Snapshot:
 
     plugins: Mapping[str, HandlerPlugin]
     scopes: ScopeSet
-    # component -> capability -> msgpack of the merged grant / of the entry; enabled entries only.
+    # target (component or `<pack_id>:*`) -> capability -> msgpack of the merged grant / of the entry;
+    # enabled entries only.
     grants: Mapping[str, Mapping[str, bytes]]
     entries: Mapping[str, Mapping[str, bytes]]
-    invalid: frozenset[str]  # components whose grant file is invalid
+    invalid: frozenset[str]  # targets whose grant file is invalid
+    # target -> capabilities its valid file has an entry for, enabled or not (an own entry, even a
+    # disabled one, replaces the Pack-wide entry)
+    present: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 _EMPTY = _Snapshot({}, ScopeSet(), {}, {}, frozenset())
+
+
+def grant_source(
+    component_id: str, capability: str, present: Mapping[str, Container[str]], invalid: Container[str]
+) -> str | None:
+    """The grant target whose entry decides `capability` for `component_id`, or None (denied).
+
+    The component's own file when it has an entry for the capability (enabled or not: an own entry
+    replaces the Pack-wide one, never merged with it), else the Pack-wide file `<pack_id>:*`. An invalid
+    file denies everything to every component it covers: its own component, or for `<pack_id>:*`
+    every component of the Pack.
+    """
+    wide = pack_wide_id(component_id.partition(":")[0])
+    if component_id in invalid or wide in invalid:
+        return None
+    return component_id if capability in present.get(component_id, ()) else wide
 
 
 class GrantStore:
@@ -508,13 +661,17 @@ class GrantStore:
         return [self._states[p] for p in sorted(self._states)]
 
     def entry(self, component_id: str, capability: str) -> dict[str, Any] | None:
-        """The validated entry (a fresh builtins dict) if the component's grant enables `capability`."""
-        raw = self.snapshot.entries.get(component_id, {}).get(capability)
+        """The validated entry (a fresh builtins dict) if the component's grant enables `capability`:
+        its own entry, else its Pack's Pack-wide one (`grant_source`)."""
+        snap = self.snapshot
+        source = grant_source(component_id, capability, snap.present, snap.invalid)
+        raw = None if source is None else snap.entries.get(source, {}).get(capability)
         return None if raw is None else dict(msgspec.msgpack.decode(raw))
 
     def _layout_stamp(self) -> tuple[object, ...]:
         stamps: list[object] = []
-        for path in (self.ws.docker, self.ws.work_areas):
+        # docker/config.json: its network_pool is checked against CIDR grants.
+        for path in (self.ws.docker, self.ws.work_areas, self.ws.config_file):
             try:
                 st = path.stat()
                 stamps.append((st.st_ino, st.st_mtime_ns))
@@ -577,17 +734,19 @@ class GrantStore:
         grants: dict[str, dict[str, bytes]] = {}
         entries: dict[str, dict[str, bytes]] = {}
         invalid: set[str] = set()
+        present: dict[str, frozenset[str]] = {}
         for state in self._states.values():
             if state.component_id is None:
                 continue
             if not state.usable:
                 invalid.add(state.component_id)
                 continue
+            present[state.component_id] = frozenset(state.entries)
             for cap, entry in state.entries.items():
                 if entry.get("enabled") is True:
                     entries.setdefault(state.component_id, {})[cap] = msgspec.msgpack.encode(entry)
                     grants.setdefault(state.component_id, {})[cap] = msgspec.msgpack.encode(state.grants[cap])
-        return _Snapshot(plugins, scopes, grants, entries, frozenset(invalid))
+        return _Snapshot(plugins, scopes, grants, entries, frozenset(invalid), present)
 
     async def watch(
         self, *, interval: float, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -607,11 +766,13 @@ class GrantStore:
 
 @dataclass(frozen=True)
 class Decision:
-    """An allowed request: the handler to run, the grant it runs under, the Pack's protected paths."""
+    """An allowed request: the handler to run, the grant it runs under, the Pack's protected paths, and
+    the grant file that allowed it (`source`: the component id, or `<pack_id>:*` for a Pack-wide grant)."""
 
     plugin: HandlerPlugin
     grant: dict[str, Any]
     protected: ProtectedSet | None = None
+    source: str = ""
 
 
 class Policy:
@@ -664,7 +825,8 @@ class Policy:
         """Allow or refuse; raise UnknownCapability or Denied (messages are safe to show the Pack).
 
         Order: capability known → scope installed (if required) and valid → component belongs to
-        `pack_id` → enabled grant entry.
+        `pack_id` → enabled grant entry: the component's own, else its Pack's Pack-wide one
+        (`grant_source`). A request names one component: `<pack_id>:*` is refused as malformed.
         """
         snap = self.grants.snapshot
         plugin = snap.plugins.get(capability)
@@ -680,9 +842,14 @@ class Policy:
             raise Denied(str(exc)) from None
         if owner != pack_id:
             raise Denied(f"component {component_id!r} does not belong to pack {pack_id!r}")
-        grant = snap.grants.get(component_id, {}).get(capability)
-        if grant is None:
-            hint = " (its grant file is invalid: see `rumi grants`)" if component_id in snap.invalid else ""
+        source = grant_source(component_id, capability, snap.present, snap.invalid)
+        grant = None if source is None else snap.grants.get(source, {}).get(capability)
+        if grant is None or source is None:
+            hint = ""
+            if component_id in snap.invalid:
+                hint = " (its grant file is invalid: see `rumi grants`)"
+            elif source is None:
+                hint = f" (the Pack-wide grant file is invalid: see `rumi grants {pack_wide_id(owner)}`)"
             raise Denied(
                 f"no grant for {capability} on component {component_id}{hint}: "
                 f"run `rumi grant {component_id} {capability} ...`"
@@ -693,7 +860,63 @@ class Policy:
             # Lazy; every Pack's set looks up the grant store's one index, which its watcher refreshes.
             index = self.grants.protected_index if self.grants.ws.root == self.ws.root else None
             protected = self._protected[pack_id] = ProtectedSet.for_pack(self.ws, pack_id, index=index)
-        return Decision(plugin, dict(msgspec.msgpack.decode(grant)), protected)
+        return Decision(plugin, dict(msgspec.msgpack.decode(grant)), protected, source)
+
+
+# --- effective permissions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EffectiveGrant:
+    """What one component may do with one capability, and which grant file says so (`rumi grants`).
+
+    `source` is the component id (its own entry) or `<pack_id>:*` (the Pack-wide entry); `entry` is
+    that entry as validated, `grant` merged over the scope, `written` as the file has it. `enabled`
+    False: the own entry disables the capability (and so replaces a Pack-wide one). `replaces` names
+    the Pack-wide file whose entry for the capability the own entry overrides.
+    """
+
+    component_id: str
+    capability: str
+    source: str
+    enabled: bool
+    entry: Mapping[str, Any]
+    grant: Mapping[str, Any]
+    replaces: str | None = None
+    written: Mapping[str, Any] = field(default_factory=dict)
+
+
+def effective_grants(states: Iterable[GrantFileState], component_id: str) -> list[EffectiveGrant]:
+    """The component's permissions as `Policy.decide` resolves them, from checked grant files (sorted by
+    capability); empty when a grant file covering it is invalid (it is denied everything)."""
+    by_target = {s.component_id: s for s in states if s.component_id is not None}
+    invalid = {t for t, s in by_target.items() if not s.usable}
+    present = {t: frozenset(s.entries) for t, s in by_target.items() if s.usable}
+    wide = pack_wide_id(component_id.partition(":")[0])
+    capabilities = set(present.get(component_id, ())) | (
+        set() if is_pack_wide(component_id) else set(present.get(wide, ()))
+    )
+    found: list[EffectiveGrant] = []
+    for cap in sorted(capabilities):
+        source = grant_source(component_id, cap, present, invalid)
+        if source is None:
+            return []
+        state = by_target[source]
+        entry = state.entries[cap]
+        replaces = wide if source != wide and cap in present.get(wide, ()) else None
+        found.append(
+            EffectiveGrant(
+                component_id,
+                cap,
+                source,
+                entry.get("enabled") is True,
+                entry,
+                state.grants[cap],
+                replaces,
+                written if isinstance(written := state.permissions.get(cap), dict) else {},
+            )
+        )
+    return found
 
 
 # --- JSON Schema -------------------------------------------------------------------------------------

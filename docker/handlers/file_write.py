@@ -2,6 +2,8 @@
 
 The new content goes to a temp file beside the target, is fsynced and renamed over it
 (see broker.backends.files.write_beneath): never half-written, a symlink at the target is replaced, not followed.
+`parents: true` also creates the missing directories between the granted directory and the file
+(never outside it; no `.`/`..` components, at most 32 levels).
 """
 
 # No `from __future__ import annotations`: msgspec must see real types even when the
@@ -17,10 +19,11 @@ DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
 
 class FileWriteArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Request args: the absolute path and the bytes to write (msgpack bin)."""
+    """Request args: the absolute path, the bytes to write (msgpack bin), whether to create missing parents."""
 
     path: str
     data: bytes
+    parents: bool = False
 
 
 class FileWriteGrant(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,6 +54,6 @@ def authorize(grant: Mapping[str, Any], args: FileWriteArgs) -> None:
 def execute(ctx: HandlerContext, args: FileWriteArgs) -> dict[str, Any]:
     """Write `data` to `path`; return {"bytes_written": n}."""
     max_bytes = int(ctx.grant.get("max_bytes", DEFAULT_MAX_BYTES))
-    written = write_beneath(ctx, args.path, args.data, max_bytes)
+    written = write_beneath(ctx, args.path, args.data, max_bytes, parents=args.parents)
     ctx.audit["bytes"] = written
     return {"success": True, "data": {"bytes_written": written}}

@@ -28,7 +28,6 @@ from broker.handler_api import (
     is_pack_id,
     protected_set,
 )
-from broker.handler_api import sandbox as _sandbox
 
 MAX_ARGS = 1024
 MAX_ARG_CHARS = 32 * 1024
@@ -150,16 +149,32 @@ def _scope(grant: Mapping[str, Any]) -> _ScopeConfig:
         raise HandlerFailed(f"the terminal scope is invalid ({exc}); ask the admin to fix it") from None
 
 
-
 def _timeout(requested: float | None, scope: _ScopeConfig, broker_timeout: float) -> float:
-    """The command's timeout: asked (else the scope's), at most max_timeout, inside the broker's limit."""
-    wanted = scope.timeout if requested is None else requested
-    timeout = min(wanted, scope.max_timeout)
+    """The command's timeout: asked (else the scope's default), within max_timeout and the broker's limit.
+
+    Asking for more than either allows is refused with the limit and where it is set, never cut
+    silently (a Pack asking for 60 s under a 30 s request_timeout must know it gets none of it).
+    The scope's default is kept within the limit.
+    """
+    cap = scope.max_timeout
+    where = "the terminal scope's max_timeout (docker/scopes/terminal.json)"
     if math.isfinite(broker_timeout) and broker_timeout > 0:
         # Answer with timed_out before the broker gives up on the request.
         margin = min(SETUP_MARGIN, broker_timeout / 4)
-        timeout = min(timeout, broker_timeout - margin)
-    return timeout
+        if broker_timeout - margin < cap:
+            cap = broker_timeout - margin
+            where = (
+                f"the broker's request_timeout of {broker_timeout:g} s (docker/config.json, broker.request_timeout) "
+                f"less {margin:g} s to set up the sandbox"
+            )
+    if requested is None:
+        return min(scope.timeout, cap)
+    if requested > cap:
+        raise InvalidRequest(
+            f"timeout {requested:g} s is over the limit of {cap:g} s for a command, set by {where}: "
+            f"ask for at most {cap:g} s, or have the admin raise it"
+        )
+    return requested
 
 
 def _cwd(cwd: str | None, directories: list[str]) -> str:
@@ -207,6 +222,9 @@ def authorize(grant: Mapping[str, Any], args: TerminalArgs) -> None:
 
 def execute(ctx: HandlerContext, args: TerminalArgs) -> dict[str, Any]:
     """Run argv in a new sandbox container; return its exit code and (capped) output."""
+    # Imported here: loading this file to check grants (`rumi grants`) must not load the sandbox back-end.
+    from broker.handler_api import sandbox as _sandbox
+
     grant = ctx.grant
     argv = list(args.argv)
     _check_argv(argv)

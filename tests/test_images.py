@@ -197,6 +197,21 @@ def test_python_base_runs_ssl_asyncio_as_non_root(built: Built) -> None:
 
 
 @pytest.mark.docker
+def test_python_base_has_the_cxx_runtime_manylinux_wheels_need(built: Built) -> None:
+    """libstdc++ and libgomp are in the image, loadable, and listed in its libraries label (base inherits it)."""
+    wanted = ["libstdc++.so.6", "libgomp.so.1", "libgcc_s.so.1", "libz.so.1", "libc.so.6", "libm.so.6"]
+    label = images.image_libraries(built.client, built.tags["python"])
+    assert set(wanted) <= label, sorted(label)
+    assert images.image_libraries(built.client, built.tags["base"]) == label
+    code = "import ctypes, sys\nfor name in sys.argv[1:]:\n    ctypes.CDLL(name)\nprint('loaded', len(sys.argv) - 1)\n"
+    status, out = _run(built.client, built.tags["python"], ["python3", "-c", code, *wanted])
+    assert status == 0 and out.strip() == f"loaded {len(wanted)}", out
+    # Nothing else from the gcc packages: no gdb pretty-printers.
+    status, out = _run(built.client, built.tags["python"], ["python3", "-c", "import os; print(os.path.exists('/usr/share/gcc'))"])
+    assert status == 0 and out.strip() == "False", out
+
+
+@pytest.mark.docker
 def test_python_base_has_no_shell_and_compiled_stdlib(built: Built) -> None:
     status, out = _run(
         built.client,
@@ -348,6 +363,9 @@ def test_seed_python_image_is_used_when_present(built: Built) -> None:
         tag = images.build_python_base(client, prefix, None, seed_image=seed)
         labels = client.images.get(tag).labels
         assert labels[LABEL_FLAVOR] == "seed" and labels[LABEL_LIBC].startswith("glibc 2.")
+        # The seed's libraries come from a run of its Python: the same as the list made from the Debian rootfs.
+        assert labels[images.LABEL_LIBRARIES] == client.images.get(built.tags["python"]).labels[images.LABEL_LIBRARIES]
+        assert "libstdc++.so.6" in images._probe_image(client, seed)[1]
         base = images.build_base_image(client, prefix, None, seed_image=seed)
         status, out = _run(
             client, base, ["python3", "-c", "import nats, msgspec, nkeys, os; print(os.getuid())"]

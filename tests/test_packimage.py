@@ -435,3 +435,136 @@ def test_docker_base_context_builds_offline(built: Built) -> None:
                                                          "print(os.path.exists('/opt/rumi/site-packages/.gitignore'))"])
     assert status == 0, out
     assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------------- native wheels, source, syntax
+
+NUMPY_PACK = '''
+import numpy
+from pack_runtime import Pack
+
+pack = Pack()
+
+
+@pack.tool("sum")
+async def total(ctx, args):
+    return {"sum": int(numpy.arange(10).sum()), "numpy": numpy.__version__}
+
+
+if __name__ == "__main__":
+    pack.run()
+'''
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_numpy_2_pack_builds_and_answers_through_the_broker(built: Built, pytestconfig: pytest.Config) -> None:
+    """numpy 2.x needs libstdc++ from the image: the Pack starts, and its tool answers a `rumi call`."""
+    import asyncio
+    import shutil
+
+    from broker.admin.calls import call_tool
+    from broker.containers.engine import DockerRuntime
+    from broker.core.net import free_port
+
+    from .test_native_wheels import NUMPY
+
+    ws, client = built.ws, built.client
+    _pack(ws, "numpy2", requirements=f"{NUMPY}\n", code=NUMPY_PACK)
+    config_text = ws.config_file.read_text()
+    config = json.loads(config_text)
+    config["nats_port"] = free_port()
+    ws.config_file.write_text(json.dumps(config))
+    rt = DockerRuntime(ws, client, prefix=built.prefix)
+    try:
+        try:
+            first = packimage.build_pack(client, ws, "numpy2", prefix=built.prefix)
+        except ImageBuildError as exc:
+            if "pip download failed" in str(exc) and os.environ.get("CI") != "true":
+                pytest.skip(f"{NUMPY} could not be downloaded on this host: {exc}")
+            raise
+        assert not first.reused
+        report = rt.up(["numpy2"], build=False, health_timeout=90)
+        started = time.monotonic()
+        answer = asyncio.run(call_tool(ws, "numpy2", "tool", "sum", {}, 60))
+        call = time.monotonic() - started
+        assert answer == {"sum": 45, "numpy": NUMPY.split("==")[1]}
+        ready = report.packs[0].seconds_to_ready
+        _say(pytestconfig, f"\npack-numpy2 ({NUMPY}): built in {first.seconds:.1f}s, {first.layer_size / MB:.1f} MB "
+             f"above the base ({first.size / MB:.1f} MB in all); ready in {ready:.1f}s; call {call * 1000:.0f} ms")
+    finally:
+        try:
+            rt.down()
+        finally:
+            ws.config_file.write_text(config_text)
+            shutil.rmtree(ws.ecosystem / "numpy2")
+
+
+@pytest.mark.docker
+def test_wheel_needing_an_absent_library_builds_no_image(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from .test_native_wheels import EXT, _fake_index
+
+    _fake_index(tmp_path, monkeypatch)
+    _pack(built.ws, "fakenative", requirements="fakenative==1.0\n", code="import fakenative\n")
+    tag = packimage.pack_image_tag("fakenative", built.prefix)
+    try:
+        with pytest.raises(ImageBuildError) as info:
+            packimage.build_pack(built.client, built.ws, "fakenative", prefix=built.prefix,
+                                 cache_dir=tmp_path / "cache")
+    finally:
+        shutil.rmtree(built.ws.ecosystem / "fakenative")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"Pack fakenative: fakenative/_native.{EXT} (fakenative 1.0) needs libdoesnotexist.so.1, "
+        f"which {images.image_tag('base', built.prefix)} does not have"
+    ), message
+    assert images._existing(built.client, tag) is None
+
+
+@pytest.mark.docker
+def test_rumi_build_shows_a_syntax_error_with_file_and_line(built: Built) -> None:
+    import shutil
+
+    _pack(built.ws, "typo", code="print('a')\nprint('b'\n")
+    try:
+        result = CliRunner().invoke(_cli(), ["build", "typo", "--root", str(built.ws.root), "--prefix", built.prefix])
+    finally:
+        shutil.rmtree(built.ws.ecosystem / "typo")
+    assert result.exit_code != 0
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert errors and errors[0].endswith(
+        f"{built.prefix}-pack-typo: main.py:2: SyntaxError: '(' was never closed (fix ecosystem/typo/main.py)"
+    ), result.output
+    assert "compileall" not in result.output and "non-zero code" not in result.output
+    assert images._existing(built.client, packimage.pack_image_tag("typo", built.prefix)) is None
+
+
+@pytest.mark.docker
+def test_no_build_warns_when_the_source_changed(built: Built) -> None:
+    from broker.containers.engine import DockerRuntime
+
+    lines: list[str] = []
+    rt = DockerRuntime(built.ws, built.client, prefix=built.prefix, progress=lines.append)
+    tag = packimage.pack_image_tag("default", built.prefix)
+    assert built.client.images.get(tag).labels[packimage.LABEL_SOURCE] == packimage.source_digest(built.ws, "default")
+    rt.ensure_images(["default"], build=False)
+    assert not [ln for ln in lines if "warning" in ln], lines
+    main = built.ws.ecosystem / "default" / "main.py"
+    original = main.read_text()
+    try:
+        main.write_text(original + "\n# edited after the build\n")
+        rt.ensure_images(["default"], build=False)
+    finally:
+        main.write_text(original)
+    assert [ln for ln in lines if "warning" in ln] == [
+        f"warning: pack default: ecosystem/default/ changed since {tag} was built; it runs the old code: "
+        "run `rumi build default` (or `rumi up` without --no-build)"
+    ]
+    lines.clear()
+    rt.ensure_images(["default"], build=False)  # the source is back as built: nothing to say
+    assert not [ln for ln in lines if "warning" in ln], lines

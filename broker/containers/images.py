@@ -53,6 +53,7 @@ from broker.core.labels import (
 __all__ = [
     "DEFAULT_PREFIX",
     "IMAGE_KINDS",
+    "LABEL_LIBRARIES",
     "RUNTIME_REQUIREMENTS",
     "SANDBOX_PACKAGES",
     "ImageBuildError",
@@ -63,6 +64,7 @@ __all__ = [
     "build_sandbox_image",
     "default_cache_dir",
     "find_nats_server_binary",
+    "image_libraries",
     "image_sizes",
     "image_tag",
     "install_wheels",
@@ -70,6 +72,10 @@ __all__ = [
 ]
 
 Progress = Callable[[str], None]
+
+# On the Python base (and so on every image above it): the shared libraries the loader finds in the image's
+# library directories, space-separated. `rumi build` checks a Pack's extension modules against it.
+LABEL_LIBRARIES = "io.rumi.libraries"
 
 IMAGE_KINDS = ("nats", "python", "base", "sandbox")
 SEED_PYTHON_IMAGE = "python:3.11-alpine"
@@ -87,6 +93,10 @@ PYTHON_PACKAGES = (
     "libc6",
     # glibc dlopens libgcc_s for unwinding (thread exit/cancel): not in any NEEDED entry.
     "libgcc-s1",
+    # manylinux wheels may link these without vendoring them (numpy 2.x needs libstdc++, OpenMP code
+    # libgomp): about 2.5 MB. Debian 12 builds them with glibc 2.36, so any manylinux wheel can load them.
+    "libstdc++6",
+    "libgomp1",
     "ca-certificates",
     "netbase",
 )
@@ -103,6 +113,7 @@ _COMMON_TRIM = (
     "usr/share/applications",
     "usr/share/pixmaps",
     "usr/share/gdb",
+    "usr/share/gcc",  # libstdc++'s gdb pretty-printers
     "usr/share/bash-completion",
     "usr/share/zsh",
     "usr/share/fish",
@@ -288,10 +299,15 @@ class _Elf:
 
     interpreter: str | None
     needed: tuple[str, ...]
+    rpath: tuple[str, ...] = ()  # DT_RPATH entries (used only when there is no DT_RUNPATH)
+    runpath: tuple[str, ...] = ()  # DT_RUNPATH entries
+
+
+_DT_NEEDED, _DT_STRTAB, _DT_RPATH, _DT_RUNPATH = 1, 5, 15, 29
 
 
 def _read_elf(path: Path) -> _Elf | None:
-    """Parse a 64-bit little-endian ELF's PT_INTERP and DT_NEEDED; None when it is not one."""
+    """Parse a 64-bit little-endian ELF's PT_INTERP, DT_NEEDED, DT_RPATH and DT_RUNPATH; None when it is not one."""
     try:
         with path.open("rb") as f:
             head = f.read(64)
@@ -300,6 +316,8 @@ def _read_elf(path: Path) -> _Elf | None:
             phoff = int.from_bytes(head[32:40], "little")
             phentsize = int.from_bytes(head[54:56], "little")
             phnum = int.from_bytes(head[56:58], "little")
+            if phentsize < 56 or phnum > 4096:
+                return None
             f.seek(phoff)
             table = f.read(phentsize * phnum)
             loads: list[tuple[int, int, int]] = []
@@ -312,23 +330,23 @@ def _read_elf(path: Path) -> _Elf | None:
                 if p_type == 1:
                     loads.append((p_vaddr, p_offset, p_filesz))
                 elif p_type == 2:
-                    dynamic = (p_offset, p_filesz)
+                    dynamic = (p_offset, min(p_filesz, 1 << 20))
                 elif p_type == 3:
                     f.seek(p_offset)
-                    interp = f.read(p_filesz).rstrip(b"\0").decode("utf-8", "replace")
+                    interp = f.read(min(p_filesz, 4096)).rstrip(b"\0").decode("utf-8", "replace")
             if dynamic is None:
                 return _Elf(interp, ())
             f.seek(dynamic[0])
             raw = f.read(dynamic[1])
-            needed_offsets: list[int] = []
+            offsets: dict[int, list[int]] = {_DT_NEEDED: [], _DT_RPATH: [], _DT_RUNPATH: []}
             strtab_vaddr = None
             for off in range(0, len(raw) - 15, 16):
                 tag, val = struct.unpack_from("<qQ", raw, off)
                 if tag == 0:
                     break
-                if tag == 1:
-                    needed_offsets.append(val)
-                elif tag == 5:
+                if tag in offsets:
+                    offsets[tag].append(val)
+                elif tag == _DT_STRTAB:
                     strtab_vaddr = val
             if strtab_vaddr is None:
                 return _Elf(interp, ())
@@ -337,13 +355,44 @@ def _read_elf(path: Path) -> _Elf | None:
             )
             if strtab is None:
                 return _Elf(interp, ())
-            names: list[str] = []
-            for val in needed_offsets:
-                f.seek(strtab + val)
-                names.append(f.read(256).split(b"\0", 1)[0].decode("utf-8", "replace"))
-            return _Elf(interp, tuple(names))
-    except (OSError, struct.error):
+
+            def strings(tag: int, limit: int) -> list[str]:
+                out = []
+                for val in offsets[tag]:
+                    f.seek(strtab + val)
+                    out.append(f.read(limit).split(b"\0", 1)[0].decode("utf-8", "replace"))
+                return out
+
+            paths = [
+                tuple(p for s in strings(tag, 4096) for p in s.split(":") if p)
+                for tag in (_DT_RPATH, _DT_RUNPATH)
+            ]
+            return _Elf(interp, tuple(strings(_DT_NEEDED, 256)), paths[0], paths[1])
+    except (OSError, struct.error, ValueError):
         return None
+
+
+# Where a dynamic loader looks without an ld.so cache: musl's default path, the FHS directories and
+# Debian's multiarch ones (glibc searches those by default).
+_LIBRARY_DIRS = ("lib", "lib64", "usr/lib", "usr/lib64", "usr/local/lib")
+_MULTIARCH_GLOBS = ("lib/*-linux-gnu", "usr/lib/*-linux-gnu")
+
+
+def _library_dirs(root: Path) -> list[Path]:
+    """The loader's default directories that exist under ``root``."""
+    dirs = [root / d for d in _LIBRARY_DIRS]
+    dirs += [p for pattern in _MULTIARCH_GLOBS for p in sorted(root.glob(pattern))]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _provided_libraries(root: Path) -> set[str]:
+    """Names of the shared libraries (``*.so*``) in the loader's default directories under ``root``."""
+    return {entry.name for d in _library_dirs(root) for entry in d.iterdir() if _is_library_name(entry.name)}
+
+
+def _is_library_name(name: str) -> bool:
+    """``libfoo.so``, ``libfoo.so.1.2``, ``ld-linux-x86-64.so.2``: a name the loader can be asked for."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_.+-]+\.so(\.[0-9A-Za-z_.]+)?", name))
 
 
 def _missing_sonames(root: Path) -> set[str]:
@@ -801,12 +850,27 @@ def _stream_build(
         timeout=1800,
         use_config_proxy=False,
     )
+    last = ""  # the step's own last output line: what went wrong, where the engine says only "exit 1"
     for chunk in stream:
         if "error" in chunk:
-            raise ImageBuildError(f"{label}: docker build {tag} failed: {str(chunk['error']).strip()}")
-        line = str(chunk.get("stream", "")).strip()
-        if line and not line.startswith(("--->", "Removing intermediate")):
-            progress(f"{label}:   {line}")
+            raise ImageBuildError(
+                f"{label}: docker build {tag} failed: {_build_error(str(chunk['error']), last)}"
+            )
+        for line in str(chunk.get("stream", "")).splitlines():
+            line = line.strip()
+            if line and not line.startswith(("--->", "Removing intermediate")):
+                progress(f"{label}:   {line}")
+                if not line.startswith("Step "):
+                    last = line
+
+
+def _build_error(error: str, last: str) -> str:
+    """The engine's error in one line; a failed RUN step is named by its last output line, not its command."""
+    error = " ".join(error.split())
+    m = re.match(r"The command .* returned a non-zero code: (\d+)$", error)
+    if m is None:
+        return error
+    return f"{last[:300]} (a RUN step exited with code {m.group(1)})" if last else error
 
 
 def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -983,12 +1047,18 @@ def build_python_base(
         entries = _write_tar(rootfs.root, tar_path, owners={"home/rumi": RUMI_UID})
         progress(f"python: rootfs.tar {entries} entries, {_mb(tar_path.stat().st_size)}")
         libc = f"glibc {_glibc_version(rootfs.debs)}"
+        libraries = " ".join(sorted(_provided_libraries(rootfs.root)))
         _docker_build(
             client,
             tag=tag,
             dockerfile=dockerfile,
             context={"rootfs.tar": tar_path},
-            labels=_labels(prefix, "python", key, **{LABEL_LIBC: libc, LABEL_FLAVOR: "debian"}),
+            labels=_labels(
+                prefix,
+                "python",
+                key,
+                **{LABEL_LIBC: libc, LABEL_FLAVOR: "debian", LABEL_LIBRARIES: libraries},
+            ),
             buildargs={"RUMI_PREFIX": prefix},
             work=work,
             progress=progress,
@@ -1024,14 +1094,19 @@ def _build_python_from_seed(
     if _up_to_date(client, tag, key, progress, "python"):
         return tag
     progress(f"python: using {seed_ref} ({seed.short_id})")
-    libc = _probe_libc(client, seed_ref)
+    libc, libraries = _probe_image(client, seed_ref)
     with tempfile.TemporaryDirectory(prefix="rumi-python-") as tmp:
         _docker_build(
             client,
             tag=tag,
             dockerfile=dockerfile,
             context={},
-            labels=_labels(prefix, "python", key, **{LABEL_LIBC: libc, LABEL_FLAVOR: "seed"}),
+            labels=_labels(
+                prefix,
+                "python",
+                key,
+                **{LABEL_LIBC: libc, LABEL_FLAVOR: "seed", LABEL_LIBRARIES: " ".join(sorted(libraries))},
+            ),
             buildargs={"SEED_IMAGE": seed_ref},
             work=Path(tmp),
             progress=progress,
@@ -1040,18 +1115,46 @@ def _build_python_from_seed(
     return _done(client, tag, started, progress, "python")
 
 
-def _probe_libc(client: Any, image: str) -> str:
-    """``glibc X.Y`` or ``musl``: which wheels the image's Python can load."""
+# Run with the image's own Python: its C library and the libraries in the loader's default directories.
+_PROBE = (
+    "import glob, os, platform, re; "
+    f"dirs = [*{_LIBRARY_DIRS!r}, *(d for g in {_MULTIARCH_GLOBS!r} for d in glob.glob(g, root_dir='/'))]; "
+    "names = {n for d in dirs if os.path.isdir('/' + d) for n in os.listdir('/' + d)}; "
+    "print(*platform.libc_ver()); "
+    r"print(' '.join(sorted(n for n in names if re.fullmatch(r'[A-Za-z0-9_.+-]+\.so(\.[0-9A-Za-z_.]+)?', n))))"
+)
+
+
+def _probe_image(client: Any, image: str) -> tuple[str, set[str]]:
+    """(``glibc X.Y`` or ``musl``, the shared libraries the loader finds) of an image, from a run of its Python."""
     out = client.containers.run(
         image,
-        ["python3", "-c", "import platform; print(*platform.libc_ver())"],
+        ["python3", "-c", _PROBE],
         remove=True,
         network_mode="none",
         entrypoint=[],
+        user="65534:65534",
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        labels={LABEL_KIND: "probe"},
     )
-    text = out.decode().strip() if isinstance(out, bytes) else str(out).strip()
-    m = re.match(r"glibc (\d+\.\d+)", text)
-    return f"glibc {m.group(1)}" if m else "musl"
+    text = out.decode() if isinstance(out, bytes) else str(out)
+    # Line 1: platform.libc_ver() (blank under musl); line 2: the library names.
+    lines = [*text.splitlines(), "", ""]
+    m = re.match(r"glibc (\d+\.\d+)", lines[0].strip())
+    return (f"glibc {m.group(1)}" if m else "musl"), set(lines[1].split())
+
+
+def image_libraries(client: Any, image: str) -> frozenset[str]:
+    """The shared libraries an image's loader finds by default (its ``io.rumi.libraries`` label).
+
+    Images made before the label existed are asked directly: one short run of their Python, no network.
+    """
+    found = client.images.get(image)
+    label = (found.labels or {}).get(LABEL_LIBRARIES)
+    if label is not None:
+        return frozenset(label.split())
+    return frozenset(_probe_image(client, image)[1])
 
 
 def _wheel_platforms(libc: str, arch: str) -> list[str]:

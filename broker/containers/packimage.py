@@ -21,6 +21,18 @@ reused from there; a requirement with no wheel is refused, naming it. The image 
 
 The code is copied owned by root, files 0644 (0755 when executable), directories 0755: the Pack's uid
 can read it and write none of it (and the container's root filesystem is read-only besides).
+
+Checked on the host before any image is built, without running any of it:
+
+- every ``.py`` file of the Pack compiles (``compile()`` of its text): a syntax error is reported as
+  ``main.py:LINE: SyntaxError: ...``;
+- every shared object the wheels unpacked (extension modules and the libraries they vendor) finds each
+  library it needs: through its RPATH/RUNPATH (``$ORIGIN``), in the wheels' own ``*.libs/`` directories, or
+  among the base image's libraries (its ``io.rumi.libraries`` label). A missing one fails the build, naming
+  the module and the library, instead of a Pack that crash-loops on ``cannot open shared object file``.
+
+A Pack image carries ``io.rumi.source-digest``, the hash of its source directory, so ``rumi up --no-build``
+can warn when the source changed since the image was built (stale_source_warning).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import hashlib
 import json
 import os
 import platform
+import posixpath
 import re
 import shutil
 import stat
@@ -36,7 +49,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,15 +60,18 @@ from broker.containers.images import (
     ImageBuildError,
     Progress,
     _docker_build,
+    _Elf,
     _existing,
     _fetch_wheels,
     _pack_runtime_dir,
     _pip_env,
     _platform_args,
+    _read_elf,
     _template,
     _wheel_platforms,
     build_base_image,
     default_cache_dir,
+    image_libraries,
     image_tag,
     install_wheels,
 )
@@ -75,15 +92,22 @@ __all__ = [
     "APP_DIR",
     "DEFAULT_LIBC",
     "LABEL_PACK",
+    "LABEL_SOURCE",
     "PACK_VENV",
     "BuiltPack",
+    "MissingLibrary",
     "build_pack_image",
+    "check_native_libraries",
+    "check_pack_syntax",
     "image_libc",
+    "missing_libraries",
     "pack_image_tag",
     "pack_layer_size",
     "parse_requirements",
     "render_pack_dockerfile",
+    "source_digest",
     "stage_base_context",
+    "stale_source_warning",
     "wheel_platforms",
     "write_pack_dockerfile",
 ]
@@ -93,6 +117,8 @@ PACK_VENV = "/opt/pack"
 # The Debian-assembled Python base (Debian 12): used when no engine says otherwise.
 DEFAULT_LIBC = "glibc 2.36"
 HASH_FILE = ".content-hash"
+# On a Pack image: the hash of the Pack's source directory it was built from (source_digest).
+LABEL_SOURCE = "io.rumi.source-digest"
 
 _SITE = f"{PACK_VENV}/lib/python3.11/site-packages"
 _PATH = f"{PACK_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -318,6 +344,40 @@ def _normalise_tree(root: Path) -> None:
                 _set_mode(path, 0o755 if st.st_mode & 0o111 else 0o644)
 
 
+def _digest(code: Sequence[_Entry]) -> str:
+    """Hash of a Pack's source tree as it goes into the image (paths, kinds, modes, contents)."""
+    return _hash_parts("pack-source", [e.__dict__ for e in code])
+
+
+def source_digest(ws: Workspace, pack_id: str) -> str:
+    """Hash of ecosystem/<id>/ as the image takes it (what the ``io.rumi.source-digest`` label records)."""
+    return _digest(_code_entries(ws.pack_source(pack_id)))
+
+
+def check_pack_syntax(source: Path, code: Sequence[_Entry]) -> None:
+    """Compile every ``.py`` file of the Pack on the host; the first error raises ``main.py:LINE: SyntaxError: ...``.
+
+    ``compile()`` parses and compiles the text only: none of the Pack's code runs.
+    """
+    for entry in code:
+        if entry.kind != "file" or not entry.rel.endswith(".py"):
+            continue
+        data = (source / entry.rel).read_bytes()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # SyntaxWarning / DeprecationWarning are not errors
+                compile(data, entry.rel, "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            where = f"{entry.rel}:{exc.lineno}" if exc.lineno else entry.rel
+            raise WorkspaceError(
+                f"{where}: {type(exc).__name__}: {exc.msg} (fix ecosystem/{source.name}/{entry.rel})"
+            ) from None
+        except (ValueError, RecursionError, MemoryError) as exc:  # NUL bytes, absurd nesting
+            raise WorkspaceError(
+                f"{entry.rel}: SyntaxError: {str(exc) or type(exc).__name__} (fix ecosystem/{source.name}/{entry.rel})"
+            ) from None
+
+
 # ------------------------------------------------------------------------------------- wheels
 
 
@@ -442,6 +502,116 @@ def _install_wheels(pack: _Pack, wheels: Path, platforms: Sequence[str], site: P
     _normalise_tree(site)
 
 
+# ------------------------------------------------------------------------------ native wheels
+
+
+@dataclass(frozen=True)
+class MissingLibrary:
+    """A shared library that a shared object of the Pack's wheels needs and nothing provides.
+
+    ``module`` is its path under site-packages (``numpy/_core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so``),
+    ``library`` the DT_NEEDED name (``libstdc++.so.6``), ``distribution`` ``"numpy 2.2.6"`` (empty when no
+    RECORD lists the file).
+    """
+
+    module: str
+    library: str
+    distribution: str
+
+
+def _shared_objects(site: Path) -> dict[str, _Elf]:
+    """The ELF shared objects under ``site`` (extension modules, vendored libraries), by relative path."""
+    found: dict[str, _Elf] = {}
+    for dirpath, dirnames, filenames in os.walk(site):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if ".so" not in name:
+                continue
+            path = Path(dirpath, name)
+            if not path.is_file() or path.is_symlink():
+                continue
+            elf = _read_elf(path)
+            if elf is not None:
+                found[path.relative_to(site).as_posix()] = elf
+    return found
+
+
+def _vendored(site: Path) -> set[str]:
+    """Names of the files in the wheels' ``*.libs/`` directories (auditwheel's vendored libraries)."""
+    return {p.name for libs in site.glob("*.libs") if libs.is_dir() for p in libs.rglob("*") if p.is_file()}
+
+
+def _on_search_path(site: Path, rel: str, elf: _Elf, library: str) -> bool:
+    """Whether the loader finds ``library`` for the object ``rel`` in the site through its RUNPATH (else RPATH)."""
+    origin = posixpath.dirname(posixpath.join(_SITE, rel))
+    for entry in elf.runpath or elf.rpath:
+        folder = posixpath.normpath(entry.replace("${ORIGIN}", origin).replace("$ORIGIN", origin))
+        if folder == _SITE or folder.startswith(_SITE + "/"):
+            if (site / posixpath.relpath(folder, _SITE) / library).is_file():
+                return True
+    return False
+
+
+def missing_libraries(site: Path, libraries: Iterable[str]) -> list[MissingLibrary]:
+    """What the shared objects under ``site`` need that neither they nor the image provide.
+
+    ``libraries``: the image's (image_libraries). A needed library counts as found when the object's RUNPATH
+    (or RPATH), with ``$ORIGIN`` resolved, leads to it inside the site; when it is among the image's
+    libraries; or when a wheel ships it in its ``*.libs/`` directory (vendored, possibly preloaded).
+    """
+    system = set(libraries)
+    vendored = _vendored(site)
+    missing: list[MissingLibrary] = []
+    for rel, elf in _shared_objects(site).items():
+        for library in elf.needed:
+            name = posixpath.basename(library)
+            if name in system or name in vendored:
+                continue
+            # A name with a slash is a path, not searched for; it never leads to a file of this host.
+            if "/" not in library and _on_search_path(site, rel, elf, library):
+                continue
+            missing.append(MissingLibrary(rel, library, ""))
+    if not missing:
+        return []
+    owners = _record_owners(site)
+    return [MissingLibrary(m.module, m.library, owners.get(m.module, "")) for m in missing]
+
+
+def _record_owners(site: Path) -> dict[str, str]:
+    """File (relative to site) -> ``"name version"`` of the distribution whose RECORD lists it."""
+    owners: dict[str, str] = {}
+    for record in site.glob("*.dist-info/RECORD"):
+        name, _, version = record.parent.name[: -len(".dist-info")].partition("-")
+        for line in record.read_text(encoding="utf-8", errors="replace").splitlines():
+            owners.setdefault(line.split(",", 1)[0], f"{name} {version}".strip())
+    return owners
+
+
+def check_native_libraries(
+    pack_id: str, site: Path, libraries: Iterable[str], image: str, progress: Progress | None = None
+) -> None:
+    """Raise ImageBuildError (one line: module, library, what to do) when a shared object under ``site``
+    needs a library that neither the wheels nor ``image`` (whose ``libraries`` these are) provide.
+
+    Every missing one also goes to ``progress`` (shown by ``rumi build -v``).
+    """
+    missing = missing_libraries(site, libraries)
+    if not missing:
+        return
+    for m in missing:
+        (progress or _quiet)(f"pack-{pack_id}:   {m.module} needs {m.library}: not found")
+    first = missing[0]
+    owner = f" ({first.distribution})" if first.distribution else ""
+    dist = first.distribution.split(" ")[0] if first.distribution else "that package"
+    more = len(missing) - 1
+    tail = f"; {more} more missing (`rumi build -v` lists them)" if more else ""
+    raise ImageBuildError(
+        f"Pack {pack_id}: {first.module}{owner} needs {first.library}, which {image} does not have "
+        f"and no wheel ships: pin a version of {dist} whose wheel bundles it (in {dist}.libs/), "
+        f"or drop the requirement{tail}"
+    )
+
+
 # --------------------------------------------------------------------------------- Dockerfile
 
 
@@ -451,11 +621,16 @@ def _prefix_of(base_image: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _render(pack: _Pack, base_image: str) -> str:
+def _render(pack: _Pack, base_image: str, digest: str) -> str:
     if not _IMAGE_REF_RE.match(base_image):
         raise WorkspaceError(f"base image {base_image!r} is not a valid image reference")
     prefix = _prefix_of(base_image)
-    labels = {LABEL_KIND: "pack", LABEL_PACK: pack.pack_id, LABEL_PACK_VERSION: pack.version}
+    labels = {
+        LABEL_KIND: "pack",
+        LABEL_PACK: pack.pack_id,
+        LABEL_PACK_VERSION: pack.version,
+        LABEL_SOURCE: digest,
+    }
     if prefix is not None:
         labels[LABEL_PREFIX] = prefix
     # The venv is made at build time by the image's own Python; site-packages compile best-effort (a
@@ -493,7 +668,8 @@ def _render(pack: _Pack, base_image: str) -> str:
 
 def render_pack_dockerfile(ws: Workspace, pack_id: str, base_image: str) -> str:
     """The Dockerfile text of Pack ``pack_id`` built FROM ``base_image`` (reads its pack.json)."""
-    return _render(_load_pack(ws, pack_id), base_image)
+    pack = _load_pack(ws, pack_id)
+    return _render(pack, base_image, _digest(_code_entries(pack.source)))
 
 
 @dataclass(frozen=True)
@@ -528,8 +704,9 @@ def _stage(
     ws: Workspace, pack: _Pack, base_image: str, platforms: Sequence[str], cache: Path, progress: Progress
 ) -> _Staged:
     """Write docker/packs/<id>/ (Dockerfile, app/, site/) unless it already holds these inputs."""
-    dockerfile = _render(pack, base_image)
     code = _code_entries(pack.source)
+    check_pack_syntax(pack.source, code)
+    dockerfile = _render(pack, base_image, _digest(code))
     wheels, wheel_files = (
         _fetch_pack_wheels(pack, platforms, cache, progress) if pack.requirements else (cache, [])
     )
@@ -642,6 +819,10 @@ def build_pack(
     image = _existing(client, tag)
     if image is not None and (image.labels or {}).get(LABEL_HASH) == key:
         return _built(client, tag, base, reused=True, started=started)
+    if pack.requirements:
+        check_native_libraries(
+            pack_id, staged.path / "site", image_libraries(client, base_tag), base_tag, progress
+        )
     with tempfile.TemporaryDirectory(prefix="rumi-pack-") as tmp:
         _docker_build(
             client,
@@ -668,6 +849,32 @@ def _built(client: Any, tag: str, base: Any, *, reused: bool, started: float) ->
     size = int(image.attrs.get("Size", 0))
     return BuiltPack(
         tag, str(image.id), reused, size, size - int(base.attrs.get("Size", 0)), time.monotonic() - started
+    )
+
+
+def stale_source_warning(client: Any, ws: Workspace, pack_id: str, tag: str) -> str | None:
+    """A warning when Pack ``pack_id``'s image ``tag`` was built from other source than ecosystem/<id>/ now.
+
+    For ``rumi up --no-build``: compares the image's ``io.rumi.source-digest`` label with source_digest().
+    """
+    image = _existing(client, tag)
+    if image is None:
+        return None
+    try:
+        current = source_digest(ws, pack_id)
+    except (OSError, WorkspaceError) as exc:
+        return f"warning: pack {pack_id}: cannot read ecosystem/{pack_id}/ ({exc}); {tag} may be stale"
+    recorded = (image.labels or {}).get(LABEL_SOURCE)
+    if recorded == current:
+        return None
+    if recorded is None:
+        return (
+            f"warning: pack {pack_id}: {tag} records no source digest (built by an older rumi or by hand), "
+            f"so it may run stale code: run `rumi build {pack_id}`"
+        )
+    return (
+        f"warning: pack {pack_id}: ecosystem/{pack_id}/ changed since {tag} was built; "
+        f"it runs the old code: run `rumi build {pack_id}` (or `rumi up` without --no-build)"
     )
 
 

@@ -73,6 +73,33 @@ class PackStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = HEARTBEAT_INTERVAL
 
 
+# The listing call: every Pack SDK answers `rumi.pack.<id>.call._rumi.tools` with a `ToolList`.
+# `_rumi` can never be a component type (types start with a lowercase letter), so no tool shadows it.
+LISTING_TYPE = "_rumi"
+LISTING_NAME = "tools"
+MAX_TOOLS = 512
+# A caller that gives up (timeout, Ctrl-C) publishes the call's id here (`cancel_subject`); every
+# instance hears it, the one running the call cancels the tool. `_rumi` is never a component type.
+CANCEL_NAME = "cancel"
+
+
+class ToolInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One tool of a Pack: its component id, the first line of its docstring, its arguments' JSON Schema."""
+
+    component_id: ComponentId
+    type: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")]
+    description: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    args_schema: dict[str, Any] = {}
+
+
+class ToolList(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The `data` of the listing call's reply."""
+
+    pack_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    tools: Annotated[list[ToolInfo], msgspec.Meta(max_length=MAX_TOOLS)]
+
+
 REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
 CALL_DECODER = msgspec.msgpack.Decoder(CallRequest)
 REPLY_DECODER = msgspec.msgpack.Decoder(Reply)
@@ -100,6 +127,16 @@ def request_subject(pack_id: str, capability: str) -> str:
 def call_subject(pack_id: str, type_: str, name: str) -> str:
     """Subject of a tool call into a Pack."""
     return f"rumi.pack.{pack_id}.call.{type_}.{name}"
+
+
+def listing_subject(pack_id: str) -> str:
+    """Subject of the listing call a Pack SDK answers with its `ToolList`."""
+    return call_subject(pack_id, LISTING_TYPE, LISTING_NAME)
+
+
+def cancel_subject(pack_id: str) -> str:
+    """Where a caller cancels a call it abandoned: ``rumi.pack.<id>.call._rumi.cancel``, `CallRequest` of its id."""
+    return call_subject(pack_id, LISTING_TYPE, CANCEL_NAME)
 
 
 def status_subject(pack_id: str) -> str:

@@ -16,7 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 def test_sdk_public_api_is_exactly_this() -> None:
     import pack_runtime
 
-    assert sorted(pack_runtime.__all__) == ["BrokerError", "BrokerTransport", "Context", "Pack", "PermissionDenied"]
+    assert sorted(pack_runtime.__all__) == [
+        "BrokerError",
+        "BrokerTransport",
+        "Context",
+        "HttpStream",
+        "Pack",
+        "PermissionDenied",
+        "StreamLimits",
+        "ToolError",
+    ]
     for name in pack_runtime.__all__:
         assert getattr(pack_runtime, name) is not None
 

@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +57,7 @@ from broker.containers.settings import (
 )
 from broker.core.atomic import write_atomic
 from broker.core.docker_client import docker_client
-from broker.core.errors import RumiError, RuntimeSetupError
+from broker.core.errors import EXIT_DENIED, Missing, RumiError, RuntimeSetupError
 from broker.core.labels import (
     DEFAULT_PREFIX,
     LABEL_CONFIG_HASH,
@@ -68,7 +68,7 @@ from broker.core.labels import (
     labels,
     workspace_tag,
 )
-from broker.core.protocol import HeardStatus
+from broker.core.protocol import HeardStatus, stale_after
 from broker.core.workspace import RumiConfig, Workspace
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ __all__ = [
     "DockerRuntime",
     "NetworkInfo",
     "PackNetwork",
+    "PackNotReady",
     "PackStart",
     "RuntimeStatus",
     "UpReport",
@@ -90,6 +91,7 @@ __all__ = [
     "bridge_name",
     "broker_log_file",
     "broker_pid_file",
+    "describe_exit",
     "guard_status",
     "host_routes",
     "nats_answers",
@@ -117,10 +119,71 @@ _PARALLEL = 8
 # Pack containers created and started at once: starting one keeps dockerd, containerd and runc busy,
 # and the Packs already started need the CPU to import and connect; more in flight only queue.
 _PARALLEL_STARTS = 4
+# An upgraded Pack's new container is created under ``<name>-next`` beside the one serving, and takes
+# the usual name once the old one is gone.
+_NEXT_SUFFIX = "-next"
+# Seconds Docker waits for a replaced Pack to stop before SIGKILL: its SDK's grace for the calls it
+# took (pack_runtime STOP_GRACE, 8 s) and some.
+_RETIRE_STOP_TIMEOUT = 15
 
 
 def _quiet(_: str) -> None:
     """Progress sink that drops every message."""
+
+
+class PackNotReady(RuntimeSetupError):
+    """A Pack `rumi up` started did not become ready (an upgrade is rolled back): a check failed, exit 1."""
+
+    exit_code = EXIT_DENIED
+
+
+def describe_exit(
+    exit_code: int | None, oom_killed: bool, memory_limit: int = 0, status: str | None = None
+) -> str:
+    """What ended a container, as a phrase: ``was OOM-killed at its 48 MiB memory limit``, ``exited with code 1``.
+
+    `status` is Docker's state: "restarting" adds that Docker restarts it, "paused" is said as such.
+    """
+    if status == "paused":
+        return "is paused"
+    if oom_killed:
+        what = "was OOM-killed" + (f" at its {_mib(memory_limit)} memory limit" if memory_limit else "")
+    elif exit_code is None:
+        what = "stopped"
+    elif exit_code == 0:
+        what = "exited (code 0)"
+    elif exit_code > 128:
+        what = f"was killed by signal {exit_code - 128} (exit code {exit_code})"
+    else:
+        what = f"exited with code {exit_code}"
+    if status == "restarting":
+        what += "; Docker is restarting it"
+    return what
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def _incident(attrs: dict[str, Any]) -> str | None:
+    """A Pack container's last abnormal end (and restarts) from `docker inspect`, or None if there is none.
+
+    Docker keeps OOMKilled set after a restart, so an OOM kill stays visible while the container exists.
+    """
+    state = attrs.get("State") or {}
+    restarts = int(attrs.get("RestartCount") or 0)
+    status = str(state.get("Status") or "")
+    code = state.get("ExitCode")
+    oom = bool(state.get("OOMKilled"))
+    parts = []
+    if oom or (status in ("exited", "dead", "restarting") and code not in (None, 0)):
+        memory = int((attrs.get("HostConfig") or {}).get("Memory") or 0)
+        what = describe_exit(code if status != "running" else None, oom, memory)
+        when = str(state.get("FinishedAt") or "")[:19].replace("T", " ")
+        parts.append(f"{what}{f' (last at {when} UTC)' if when and not when.startswith('0001') else ''}")
+    if restarts:
+        parts.append(f"restarted {restarts} time{'s' if restarts != 1 else ''}")
+    return "; ".join(parts) or None
 
 
 # ------------------------------------------------------------------------------------- names
@@ -306,6 +369,10 @@ class ContainerInfo:
     heartbeat_age: float | None = None
     # Seconds of silence after which the Pack counts as unavailable (3 heartbeat intervals).
     heartbeat_stale_after: float | None = None
+    # Docker's restart count, and the container's last abnormal end ("was OOM-killed at its 48 MiB
+    # memory limit (last at ...); restarted 1 time"), None when there is none.
+    restarts: int = 0
+    incident: str | None = None
 
     @property
     def live(self) -> bool:
@@ -745,7 +812,7 @@ class DockerRuntime:
             build_sandbox_image,
             image_tag,
         )
-        from broker.containers.packimage import build_pack_image, pack_image_tag
+        from broker.containers.packimage import build_pack_image, pack_image_tag, stale_source_warning
 
         cfg = self.ws.load_config()
         tags: dict[str, str] = {}
@@ -765,7 +832,10 @@ class DockerRuntime:
             tags[f"pack:{pack_id}"] = pack_image_tag(pack_id, self.prefix)
         missing = [t for t in tags.values() if not self.image_exists(t)]
         if missing:
-            raise RuntimeSetupError(f"image {missing[0]} is missing: run `rumi build` (or `rumi up --build`)")
+            raise Missing(f"image {missing[0]} is missing: run `rumi build` (or `rumi up --build`)")
+        for pack_id in pack_ids:  # --no-build: say so when a Pack's image predates its source
+            if warning := stale_source_warning(self.client, self.ws, pack_id, tags[f"pack:{pack_id}"]):
+                self.progress(warning)
         return tags
 
     def image_exists(self, tag: str) -> bool:
@@ -1189,11 +1259,16 @@ class DockerRuntime:
         *,
         current: Sequence[Any] | None = None,
         on_state: Callable[[str], None] | None = None,
+        replacing: dict[str, Any] | None = None,
     ) -> tuple[Any, bool, float]:
         """Create and start the Pack's container unless an identical one runs; (container, created, t0).
 
         `current` is this Pack's containers as a sparse listing found them (listed here when None);
         `on_state` hears "already running", "created" and "started"; t0 is when the create began.
+
+        An upgrade (a running container with other settings or another image) is not stopped here: the
+        new container starts beside it as ``<name>-next`` and the old one goes into `replacing[pack_id]`
+        for the caller to retire once the new one is ready (`start_packs`), or to keep if it fails.
         """
         import docker.errors
 
@@ -1206,13 +1281,27 @@ class DockerRuntime:
             current = self.client.containers.list(
                 all=True, sparse=True, filters=self._filters(ROLE_PACK, pack_id)
             )
+        base = settings["name"]
+        running = [c for c in current if c.status == "running"]
+        same = next(
+            (c for c in running if (c.attrs.get("Labels") or {}).get(LABEL_CONFIG_HASH) == digest), None
+        )
+        # Keep the one that serves: the identical one, else the old one under the usual name (else any).
+        keep = same or next((c for c in running if _name_of(c) == base), running[0] if running else None)
         for container in current:
-            same = (container.attrs.get("Labels") or {}).get(LABEL_CONFIG_HASH) == digest
-            if same and container.status == "running":
-                say("already running")
-                return container, False, time.monotonic()
-            with contextlib.suppress(docker.errors.NotFound):
-                self.client.api.remove_container(container.id, force=True)
+            if container is not keep:
+                with contextlib.suppress(docker.errors.NotFound):
+                    self.client.api.remove_container(container.id, force=True)
+        if same is not None:
+            say("already running")
+            return same, False, time.monotonic()
+        if keep is not None and replacing is not None:
+            # The old container serves until the new one says "ready" (both in the Pack's queue group).
+            settings["name"] = base + _NEXT_SUFFIX if _name_of(keep) != base + _NEXT_SUFFIX else base
+            replacing[pack_id] = keep
+            say("upgrading")
+        elif keep is not None:
+            self.client.api.remove_container(keep.id, force=True)
         self._claim_name(settings["name"])
         started = time.monotonic()
         try:
@@ -1225,6 +1314,35 @@ class DockerRuntime:
                 f"cannot start the container of Pack {pack_id}: {_api_message(exc)}"
             ) from None
         return container, True, started
+
+    def retire(self, pack_id: str, old: Any, new: Any, listener: StatusListener | None = None) -> None:
+        """The upgraded Pack's new container said "ready": stop the old one, give the new one the name.
+
+        The old one's SDK stops taking calls and finishes those it took (up to its grace). Then, with
+        `listener`, wait (at most one stale time) for a heartbeat from the new one, so that the last
+        status `rumi ps` and `rumi call` read is its own, not the old one's "stopping".
+        """
+        import docker.errors
+
+        base = self.pack_container_name(pack_id)
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.api.stop(old.id, timeout=_RETIRE_STOP_TIMEOUT)
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.api.remove_container(old.id, force=True)
+        gone = time.monotonic()
+        if _name_of(new) != base:
+            self._claim_name(base)
+            self.client.api.rename(new.id, base)
+        if listener is None:
+            return
+        heard = listener.last(pack_id)
+        limit = heard.stale_after() if heard is not None else stale_after()
+        while time.monotonic() - gone < limit:
+            heard = listener.last(pack_id)
+            if heard is not None and heard.heard_at > gone and heard.state != "stopping":
+                return
+            time.sleep(0.1)
+        self.progress(f"pack {pack_id}: no heartbeat from the new container since the old one stopped")
 
     def _seed_digest(self, pack_id: str) -> str:
         path = self.pack_creds_dir(pack_id) / f"{pack_id}.nk"
@@ -1248,6 +1366,10 @@ class DockerRuntime:
         A Pack whose container already runs with the same settings counts once its heartbeat is live.
         Containers that exit (or restart) before "ready" fail the wait at once, with their last log line;
         every other Pack is still waited for, so one broken Pack does not hide the state of the rest.
+
+        An upgraded Pack (`start_pack`) keeps its old container serving until the new one is ready, then
+        the old one is retired (`retire`). If the new one fails, it is removed and the old one stays.
+        Any failure raises PackNotReady (exit 1) naming each Pack and why.
         """
         track = _UpTracker(self.progress, pack_ids)
         current: dict[str, list[Any]] = {}
@@ -1257,6 +1379,8 @@ class DockerRuntime:
         began = time.monotonic()
         deadline = began + timeout
         launched: dict[str, tuple[Any, bool, float]] = {}
+        replacing: dict[str, Any] = {}  # pack id -> its old container, serving until the new one is ready
+        retiring: dict[Future[None], str] = {}
         failed: dict[str, str] = {}
         done: dict[str, PackStart] = {}
         pool = ThreadPoolExecutor(
@@ -1272,6 +1396,7 @@ class DockerRuntime:
                     cfg,
                     current=current.get(pack_id, []),
                     on_state=functools.partial(track.state, pack_id),
+                    replacing=replacing,
                 ): pack_id
                 for pack_id in pack_ids
             }
@@ -1287,7 +1412,7 @@ class DockerRuntime:
                         why = str(exc) if isinstance(exc, RumiError) else f"Docker: {_api_message(exc)}"
                         failed[pack_id] = why
                         track.settle(pack_id, "failed", now - began, why)
-                for pack_id, (_, created, t0) in launched.items():
+                for pack_id, (container, created, t0) in launched.items():
                     if pack_id in done or pack_id in failed:
                         continue
                     ready = self._ready_since(listener, pack_id, t0 if created else None, now)
@@ -1300,6 +1425,10 @@ class DockerRuntime:
                             (*track.states_of(pack_id), "ready"),
                         )
                         track.settle(pack_id, "ready", ready)
+                        if pack_id in replacing:
+                            retiring[
+                                pool.submit(self.retire, pack_id, replacing[pack_id], container, listener)
+                            ] = pack_id
                 if now >= next_check:
                     next_check = now + 1.0
                     for pack_id, why in self._exited_packs(launched, set(done) | set(failed)).items():
@@ -1310,7 +1439,7 @@ class DockerRuntime:
                 if now > deadline:
                     for pack_id in sorted(set(pack_ids) - set(done) - set(failed)):
                         state = track.current(pack_id)
-                        tail = self._log_tail(pack_id) if pack_id in launched else ""
+                        tail = self._log_tail(launched[pack_id][0].id) if pack_id in launched else ""
                         failed[pack_id] = (
                             f"not ready within {timeout:g} s ({state}){': ' + tail if tail else ''}"
                         )
@@ -1318,14 +1447,38 @@ class DockerRuntime:
                     break
                 track.summary(now - began)
                 listener.changed.wait(0.2)
+            for retired, pack_id in retiring.items():
+                try:
+                    retired.result()
+                except Exception as exc:
+                    why = str(exc) if isinstance(exc, RumiError) else f"Docker: {_api_message(exc)}"
+                    failed[pack_id] = f"ready, but the old container could not be replaced: {why}"
+                    done.pop(pack_id, None)
+                else:
+                    self.progress(f"pack {pack_id}: upgraded, the previous container stopped")
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            for pack_id in sorted(set(failed) & set(replacing)):
+                if pack_id not in retiring.values():
+                    self._roll_back(pack_id, replacing[pack_id])
+                    failed[pack_id] += "; rolled back: the previous container still serves"
         if failed:
             detail = "; ".join(f"{p}: {why}" for p, why in sorted(failed.items()))
-            raise RuntimeSetupError(
+            raise PackNotReady(
                 f"{len(failed)} of {len(pack_ids)} Pack(s) did not become ready: {detail} (`rumi logs PACK`)"
             )
         return [done[p] for p in sorted(done)]
+
+    def _roll_back(self, pack_id: str, old: Any) -> None:
+        """Remove every container of the Pack but `old`, which keeps serving under its name."""
+        import docker.errors
+
+        for container in self.client.containers.list(
+            all=True, sparse=True, filters=self._filters(ROLE_PACK, pack_id)
+        ):
+            if container.id != old.id:
+                with contextlib.suppress(docker.errors.NotFound):
+                    self.client.api.remove_container(container.id, force=True)
 
     @staticmethod
     def _ready_since(listener: StatusListener, pack_id: str, t0: float | None, now: float) -> float | None:
@@ -1353,18 +1506,25 @@ class DockerRuntime:
         for container in self.client.containers.list(all=True, sparse=True, filters=filters):
             pack_id = ids.get(container.id)
             if pack_id is not None:
-                tail = self._log_tail(pack_id)
+                tail = self._log_tail(container.id)
                 out[pack_id] = f"{container.attrs.get('Status') or container.status}: {tail or 'no output'}"
         return out
 
-    def _log_tail(self, pack_id: str) -> str:
+    def _log_tail(self, container_id: str) -> str:
+        """The line of the container's log that says why it failed: the last one that is not part of a
+        traceback's frames (a restarting container may be caught in the middle of printing one)."""
         import docker.errors
 
         try:
-            raw = self.client.api.logs(self.pack_container_name(pack_id), tail=20)
+            raw = self.client.api.logs(container_id, tail=40)
         except docker.errors.APIError:
             return ""
-        return _last_line(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        for line in reversed(lines):
+            if not line[0].isspace() and not line.startswith("Traceback (most recent call last)"):
+                return line.strip()[:300]
+        return _last_line(text)
 
     # -- up / down
 
@@ -1591,6 +1751,8 @@ class DockerRuntime:
                     addresses={k: str(v.get("IPAddress", "")) for k, v in nets.items()},
                     ports=sorted(ports),
                     **_heartbeat_fields(heard.get(c.labels.get(LABEL_PACK, "")), now),
+                    restarts=int(attrs.get("RestartCount") or 0),
+                    incident=_incident(attrs),
                 )
             )
         networks = []
@@ -1655,7 +1817,7 @@ class DockerRuntime:
         return sorted(out, key=lambda s: (s.role, s.name))
 
     def container_for(self, pack_id: str | None = None, *, nats: bool = False) -> Any:
-        """The Pack's (or the NATS) container; RuntimeSetupError when it does not exist."""
+        """The Pack's (or the NATS) container; Missing (exit 3) when it does not exist."""
         if nats:
             found = self.client.containers.list(all=True, filters=self._filters(ROLE_NATS))
             what = "the NATS container"
@@ -1663,19 +1825,30 @@ class DockerRuntime:
             found = self.client.containers.list(all=True, filters=self._filters(ROLE_PACK, pack_id))
             what = f"Pack {pack_id!r}"
         if not found:
-            raise RuntimeSetupError(f"{what} has no container in this workspace: `rumi up` starts it")
+            raise Missing(f"{what} has no container in this workspace: `rumi up` starts it")
         return found[0]
 
     def logs(
         self, pack_id: str | None, *, nats: bool = False, follow: bool = False, tail: int | None = None
     ) -> Iterator[bytes]:
-        """The container's log (stdout and stderr), optionally following it."""
+        """The container's log (stdout and stderr), optionally following it.
+
+        Then, when the container ended abnormally (OOM kill, non-zero exit, restarts), one line from Rumi
+        saying so: an OOM-killed process writes nothing of it to its own log.
+        """
         container = self.container_for(pack_id, nats=nats)
         kwargs: dict[str, Any] = {"stdout": True, "stderr": True, "tail": tail if tail is not None else "all"}
         if follow:
             yield from container.logs(stream=True, follow=True, **kwargs)
         else:
             yield container.logs(**kwargs)
+        try:
+            container.reload()
+        except Exception:  # removed meanwhile: nothing more to say
+            return
+        incident = _incident(container.attrs)
+        if incident:
+            yield f"rumi: container {container.name} {incident}\n".encode()
 
 
 def _heartbeat_fields(heard: HeardStatus | None, now: float) -> dict[str, Any]:
@@ -1686,6 +1859,13 @@ def _heartbeat_fields(heard: HeardStatus | None, now: float) -> dict[str, Any]:
         "heartbeat_age": round(heard.age(now), 1),
         "heartbeat_stale_after": heard.stale_after(),
     }
+
+
+def _name_of(container: Any) -> str:
+    """A container's name, from a full or a sparse listing (which has ``Names``, not ``Name``)."""
+    attrs = container.attrs
+    name = attrs.get("Name") or next(iter(attrs.get("Names") or []), "")
+    return str(name).lstrip("/")
 
 
 def _api_message(exc: Exception) -> str:

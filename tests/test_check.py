@@ -495,3 +495,18 @@ def test_no_workspace_is_a_usage_error(tmp_path: Path) -> None:
     done = runner.invoke(app, ["check", TOOL, "file_read", "--path", "/x", "--root", str(tmp_path)])
     assert done.exit_code == 2
     assert "run `rumi init` first" in done.output
+
+
+def test_an_ask_entry_is_allowed_and_says_an_operator_must_answer(ws: Workspace) -> None:
+    grant = json.loads(ws.grant_file(TOOL).read_text())
+    grant["permissions"]["env_read"].update({"mode": "ask", "ask_timeout": 7})
+    ws.grant_file(TOOL).write_text(json.dumps(grant))
+    code, verdict = check(ws, TOOL, "env_read", "--key", "RUMI_DEMO_GREETING")
+    assert (code, verdict["rule"]) == (0, "allowed"), verdict
+    assert any("this entry asks" in n and "after 7 s" in n for n in verdict["notes"]), verdict["notes"]
+    # Without "mode": "ask" there is no such note.
+    grant["permissions"]["env_read"].pop("mode")
+    grant["permissions"]["env_read"].pop("ask_timeout")
+    ws.grant_file(TOOL).write_text(json.dumps(grant))
+    code, verdict = check(ws, TOOL, "env_read", "--key", "RUMI_DEMO_GREETING")
+    assert code == 0 and not any("asks" in n for n in verdict["notes"]), verdict["notes"]

@@ -347,6 +347,16 @@ def check_request(
         source = decision.source
         grant_file = ws.grant_file(source)
         base = replace(base, grant_file=grant_file, grant_file_exists=grant_file.exists())
+    if decision.grant.get("mode") == "ask":
+        timeout = decision.grant.get("ask_timeout", 20)
+        base = replace(
+            base,
+            notes=(
+                *base.notes,
+                f"this entry asks: the broker holds such a request until an operator answers it "
+                f"(`rumi pending`, `rumi approve`/`rumi deny`), and denies it after {float(timeout):g} s",
+            ),
+        )
     if raw is None:
         detail = (
             f"{_shown(grant_file)} enables {capability}; the request's arguments are unknown, so the "

@@ -59,28 +59,11 @@ class BadApprovalId(ApprovalError):
     exit_code = EXIT_USAGE
 
 
-@contextlib.asynccontextmanager
-async def admin_connection(ws: Workspace) -> AsyncIterator[Any]:
+def admin_connection(ws: Workspace) -> contextlib.AbstractAsyncContextManager[Any]:
     """Connect as the `admin` identity, or raise NatsSetupError (exit 3) saying what to do."""
-    from broker.admin.audit import _quiet, _reachable
-    from broker.bus.server import connect, nats_url
+    from broker.bus.server import command_connection
 
-    url = nats_url(ws)
-    if not _reachable(url):
-        raise NatsSetupError(f"cannot reach NATS at {url}: start `rumi broker` (or `rumi up`) first")
-    nc = await connect(
-        ws,
-        ADMIN_USER,
-        allow_reconnect=False,
-        max_reconnect_attempts=0,
-        error_cb=_quiet,
-        name="rumi-approvals-cli",
-    )
-    try:
-        yield nc
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
+    return command_connection(ws, ADMIN_USER, name="rumi-approvals-cli", start="`rumi broker` (or `rumi up`)")
 
 
 def os_user() -> str:

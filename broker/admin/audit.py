@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 from broker.audit.checkpoint import (
     CHECKPOINT_SUBJECT,
@@ -24,48 +22,18 @@ from broker.audit.checkpoint import (
 )
 from broker.audit.export import Selection, to_ocsf
 from broker.audit.trail import VerifyFailure, VerifyReport, canonical_json, load_events, read_stored
-from broker.core.errors import AuditError, NatsSetupError
+from broker.core.errors import AuditError
 from broker.core.protocol import AUDIT_STREAM, AUDIT_SUBJECTS
 from broker.core.workspace import Workspace
 
 AUDIT_USER = "audit"
 
 
-async def _quiet(_: Exception) -> None:
-    # nats-py would log connection errors with tracebacks; the command reports one line instead.
-    return None
-
-
-def _reachable(url: str) -> bool:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.asynccontextmanager
-async def audit_connection(ws: Workspace) -> AsyncIterator[Any]:
+def audit_connection(ws: Workspace) -> contextlib.AbstractAsyncContextManager[Any]:
     """Connect as the read-only `audit` identity, or raise NatsSetupError saying what to do."""
-    from broker.bus.server import connect, nats_url
+    from broker.bus.server import command_connection
 
-    url = nats_url(ws)
-    if not _reachable(url):
-        raise NatsSetupError(f"cannot reach NATS at {url}: start `rumi broker` first")
-    nc = await connect(
-        ws,
-        AUDIT_USER,
-        allow_reconnect=False,
-        max_reconnect_attempts=0,
-        error_cb=_quiet,
-        name="rumi-audit-cli",
-    )
-    try:
-        yield nc
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
+    return command_connection(ws, AUDIT_USER, name="rumi-audit-cli")
 
 
 async def tail_events(

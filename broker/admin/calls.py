@@ -45,6 +45,24 @@ TOOL_CODE_RE = re.compile(r"^tool:[a-z][a-z0-9_]{0,31}$")
 MAX_MESSAGE_CHARS = 500
 
 
+def reply_data(data: bytes, request_id: str) -> Any:
+    """The data of the Pack's reply to `request_id`; its refusal or a malformed reply as an error."""
+    import msgspec
+
+    from broker.core.protocol import REPLY_DECODER
+    from pack_runtime._errors import cap_message
+
+    try:
+        reply = REPLY_DECODER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise RumiError(f"malformed reply from the Pack: {cap_message(str(exc), 200)}") from None
+    if reply.id != request_id:
+        raise RumiError("the Pack answered a different request")
+    if not reply.success:
+        raise pack_error(reply.error)
+    return reply.data
+
+
 def pack_error(err: ErrorInfo | None) -> RequestError:
     """A Pack's error reply, safe to print: `<code>: <message>`, a known code, one capped line.
 
@@ -98,12 +116,11 @@ async def list_tools(ws: Workspace, pack_id: str, timeout: float) -> ToolList:
 async def _call(
     ws: Workspace, pack_id: str, type_: str, name: str, args: dict[str, Any], timeout: float
 ) -> Any:
-    import msgspec
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
     from broker.bus.server import StatusWatch, connect, last_statuses
-    from broker.core.protocol import ENCODER, PROTOCOL_VERSION, REPLY_DECODER, CallRequest, call_subject
+    from broker.core.protocol import ENCODER, PROTOCOL_VERSION, CallRequest, call_subject
     from pack_runtime._context import new_request_id
 
     nc = await connect(ws, "cli", max_reconnect_attempts=0)
@@ -161,17 +178,7 @@ async def _call(
                 with contextlib.suppress(BaseException):
                     await request
         await watch.stop()
-        try:
-            reply = REPLY_DECODER.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            from pack_runtime._errors import cap_message
-
-            raise RumiError(f"malformed reply from the Pack: {cap_message(str(exc), 200)}") from None
-        if reply.id != request_id:
-            raise RumiError("the Pack answered a different request")
-        if not reply.success:
-            raise pack_error(reply.error)
-        return reply.data
+        return reply_data(msg.data, request_id)
     finally:
         containers.stop()
         if sent and not answered:
@@ -374,9 +381,8 @@ async def stream_tool(
 
     from broker.bus.server import StatusWatch, connect, last_statuses
     from broker.core.errors import TooLarge
-    from broker.core.protocol import ENCODER, PROTOCOL_VERSION, REPLY_DECODER, CallRequest, call_subject
+    from broker.core.protocol import ENCODER, PROTOCOL_VERSION, CallRequest, call_subject
     from pack_runtime._context import new_request_id
-    from pack_runtime._errors import cap_message
     from pack_runtime._pack import STREAM_NAME, StreamOpened, StreamPage, pull_subject
     from pack_runtime._wire import LISTING_TYPE
 
@@ -390,15 +396,7 @@ async def stream_tool(
         received += len(msg.data)
         if received > max_bytes:
             raise TooLarge(f"the stream from {component} passed {max_bytes} bytes; cancelled")
-        try:
-            reply = REPLY_DECODER.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            raise RumiError(f"malformed reply from the Pack: {cap_message(str(exc), 200)}") from None
-        if reply.id != request_id:
-            raise RumiError("the Pack answered a different request")
-        if not reply.success:
-            raise pack_error(reply.error)
-        return reply.data
+        return reply_data(msg.data, request_id)
 
     nc = await connect(ws, "cli", max_reconnect_attempts=0)
     open_id = new_request_id()

@@ -18,12 +18,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 from nats.aio.client import Client
 
@@ -262,6 +263,40 @@ def reload_running(ws: Workspace, pack_ids: Sequence[str]) -> bool:
         return False
     _reload_pid(pid, log_file(ws))
     return True
+
+
+def nats_reachable(url: str) -> bool:
+    """Whether something accepts a TCP connection at `url` (1 s): a cheap probe before connecting."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+async def _quiet(_: BaseException) -> None:
+    # nats-py would log connection errors with tracebacks; a command reports one line instead.
+    return None
+
+
+@contextlib.asynccontextmanager
+async def command_connection(
+    ws: Workspace, role: str, *, name: str, start: str = "`rumi broker`"
+) -> AsyncIterator[Client]:
+    """A CLI command's one connection as `role`: no reconnects, no logged tracebacks, closed on exit.
+
+    Raises NatsSetupError (exit 3) naming `start`, the command that brings NATS up, when nothing listens.
+    """
+    url = nats_url(ws)
+    if not nats_reachable(url):
+        raise NatsSetupError(f"cannot reach NATS at {url}: start {start} first")
+    nc = await connect(ws, role, allow_reconnect=False, max_reconnect_attempts=0, error_cb=_quiet, name=name)
+    try:
+        yield nc
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
 
 
 async def connect(ws: Workspace, role: str, *, initial_timeout: float = 5.0, **kwargs: Any) -> Client:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import msgspec
@@ -43,6 +43,7 @@ from broker.bus.config import APPROVALS_ANSWER, APPROVALS_NOTICES, APPROVALS_PEN
 from broker.core import errors
 from broker.core.protocol import error_reply
 from broker.policy.grants import DEFAULT_ASK_TIMEOUT
+from broker.service.record import RequestRecord
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -149,29 +150,6 @@ def answer_subject(approval_id: str) -> str:
     return f"{APPROVALS_ANSWER}.{instance}.{number}"
 
 
-class HeldRequest(Protocol):
-    """What the desk needs of a request (broker.service.broker.RequestRecord)."""
-
-    request_id: str
-    pack_id: str
-    component_id: str
-    capability: str
-    target: str
-    decision: str
-    code: str
-    approval: dict[str, Any] | None
-
-    def fields(
-        self,
-        decision: str,
-        code: str,
-        *,
-        phase: str | None = None,
-        message: str | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]: ...
-
-
 @dataclass
 class _Held:
     ask: PendingAsk
@@ -276,7 +254,7 @@ class ApprovalDesk:
             held.settled.set()
 
     # -- one request ---------------------------------------------------------------------------------
-    async def hold(self, rec: HeldRequest, grant: Mapping[str, Any]) -> bytes | None:
+    async def hold(self, rec: RequestRecord, grant: Mapping[str, Any]) -> bytes | None:
         """None when `rec` may go on (its grant does not ask, or an operator approved); otherwise the
         reply refusing it, its `deny` event stored. The wait takes no thread and no handler time."""
         if grant.get("mode") != "ask":
@@ -336,7 +314,7 @@ class ApprovalDesk:
         }[verdict]
         return await self._deny(rec, held, verdict, message)
 
-    async def _deny(self, rec: HeldRequest, held: _Held | None, verdict: Verdict, message: str) -> bytes:
+    async def _deny(self, rec: RequestRecord, held: _Held | None, verdict: Verdict, message: str) -> bytes:
         """Exactly one `deny` decision event, always written on its own (never folded into an aggregate:
         the Pack's in-flight quota already bounds how many asks end at once)."""
         rec.approval = {"approval": verdict}

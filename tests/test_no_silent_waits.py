@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from broker.core.errors import Unavailable
 from broker.core.workspace import Workspace
 from pack_runtime import BrokerError, Pack
 
+from ._deploy import small_packs
 from .conftest import connected_pack, running_broker, say
 from .test_readiness import PackInThread
 
@@ -279,38 +279,14 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def dying(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Pack "dies" (48 MiB memory limit, default 5 s heartbeats) up under a fresh prefix; removed afterwards."""
-    from broker.admin.init import init_workspace
-    from broker.containers import images as _images
-    from broker.containers.engine import DockerRuntime
-    from broker.containers.packimage import build_pack_image
-    from broker.core.net import free_port
-
-    from .test_runtime import _engine
-
-    client = _engine()
-    prefix = f"rumi-nsw{secrets.token_hex(4)}"
-    ws = Workspace.at(tmp_path_factory.mktemp("nsw") / "ws")
-    init_workspace(ws)
-    config = json.loads(ws.config_file.read_text())
-    config["nats_port"] = free_port()
-    config["packs"] = {"dies": {"memory_limit": "48m"}}
-    ws.config_file.write_text(json.dumps(config))
-    src = ws.pack_source("dies")
-    src.mkdir(parents=True)
-    (src / "pack.json").write_text(json.dumps({"id": "dies", "version": "0.1.0"}))
-    (src / "main.py").write_text(DYING_PACK)
-    rt = DockerRuntime(ws, client, prefix=prefix)
-    try:
-        _images.build_nats_image(client, prefix)
-        build_pack_image(client, ws, "dies", prefix=prefix)
-        rt.up(["dies"], build=False, with_broker=False, health_timeout=90)
+    with small_packs(
+        tmp_path_factory,
+        "nsw",
+        {"dies": DYING_PACK},
+        config={"packs": {"dies": {"memory_limit": "48m"}}},
+        up={"with_broker": False, "health_timeout": 90},
+    ) as rt:
         yield rt
-    finally:
-        try:
-            rt.down()
-        finally:
-            _images.remove_images(client, prefix)
-            client.close()
 
 
 def _wait_until_answering(rt: Any, timeout: float = 60) -> None:

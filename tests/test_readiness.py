@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +40,7 @@ from broker.core.protocol import (
 from broker.core.workspace import Workspace
 from pack_runtime import Pack
 
+from ._deploy import small_packs
 from .conftest import say
 from .test_isolation import OTHER_PACK
 
@@ -275,39 +274,9 @@ def test_call_to_a_pack_never_heard_waits_one_stale_time(
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Three small Packs up under a fresh image prefix, heartbeats every second; all removed afterwards."""
-    from broker.admin.init import init_workspace
-    from broker.containers import images as _images
-    from broker.containers.engine import DockerRuntime
-    from broker.containers.packimage import build_pack_image
-    from broker.core.net import free_port
-
-    from .test_runtime import _engine
-
-    client = _engine()
-    prefix = f"rumi-rd{secrets.token_hex(4)}"
-    ws = Workspace.at(tmp_path_factory.mktemp("ready") / "ws")
-    init_workspace(ws)
-    config = json.loads(ws.config_file.read_text())
-    config["nats_port"] = free_port()
-    ws.config_file.write_text(json.dumps(config))
     ids = ["ra", "rb", "rc"]
-    for pack_id in ids:
-        src = ws.pack_source(pack_id)
-        src.mkdir(parents=True)
-        (src / "pack.json").write_text(json.dumps({"id": pack_id, "version": "0.1.0"}))
-        (src / "main.py").write_text(SMALL_PACK)
-    rt = DockerRuntime(ws, client, prefix=prefix, heartbeat_interval=1.0)
-    try:
-        _images.build_nats_image(client, prefix)
-        for pack_id in ids:
-            build_pack_image(client, ws, pack_id, prefix=prefix)
+    with small_packs(tmp_path_factory, "rd", dict.fromkeys(ids, SMALL_PACK), heartbeat_interval=1.0) as rt:
         yield rt, ids
-    finally:
-        try:
-            rt.down()
-        finally:
-            _images.remove_images(client, prefix)
-            client.close()
 
 
 @pytest.mark.docker

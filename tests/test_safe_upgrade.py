@@ -10,8 +10,6 @@ With Docker, one small Pack, heartbeats every second, and a caller calling it al
 
 from __future__ import annotations
 
-import json
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ from broker.admin.calls import call_tool
 from broker.core.errors import exit_code
 from broker.core.workspace import Workspace
 
+from ._deploy import small_packs
 from .conftest import say
 
 PACK = "up"
@@ -76,36 +75,10 @@ class Caller:
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Pack "up" (v1) built under a fresh image prefix; everything removed afterwards."""
-    from broker.admin.init import init_workspace
-    from broker.containers import images as _images
-    from broker.containers.engine import DockerRuntime
-    from broker.containers.packimage import build_pack_image
-    from broker.core.net import free_port
-
-    from .test_runtime import _engine
-
-    client = _engine()
-    prefix = f"rumi-su{secrets.token_hex(4)}"
-    ws = Workspace.at(tmp_path_factory.mktemp("upgrade") / "ws")
-    init_workspace(ws)
-    config = json.loads(ws.config_file.read_text())
-    config["nats_port"] = free_port()
-    ws.config_file.write_text(json.dumps(config))
-    src = ws.pack_source(PACK)
-    src.mkdir(parents=True)
-    (src / "pack.json").write_text(json.dumps({"id": PACK, "version": "0.1.0"}))
-    (src / "main.py").write_text(VERSIONED.format(version=1))
-    rt = DockerRuntime(ws, client, prefix=prefix, heartbeat_interval=1.0)
-    try:
-        _images.build_nats_image(client, prefix)
-        build_pack_image(client, ws, PACK, prefix=prefix)
+    with small_packs(
+        tmp_path_factory, "su", {PACK: VERSIONED.format(version=1)}, heartbeat_interval=1.0
+    ) as rt:
         yield rt
-    finally:
-        try:
-            rt.down()
-        finally:
-            _images.remove_images(client, prefix)
-            client.close()
 
 
 def _containers(rt: Any) -> list[Any]:

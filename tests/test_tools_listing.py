@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from broker.cli import app
 from broker.core.workspace import Workspace
 from pack_runtime import Pack
 
+from ._deploy import small_packs
 from .conftest import say
 from .test_readiness import PackInThread
 
@@ -180,36 +180,8 @@ def test_listing_reply_is_strict() -> None:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One typed Pack up under a fresh image prefix; removed afterwards, also on failure."""
-    from broker.admin.init import init_workspace
-    from broker.containers import images as _images
-    from broker.containers.engine import DockerRuntime
-    from broker.containers.packimage import build_pack_image
-    from broker.core.net import free_port
-
-    from .test_runtime import _engine
-
-    client = _engine()
-    prefix = f"rumi-tl{secrets.token_hex(4)}"
-    ws = Workspace.at(tmp_path_factory.mktemp("tools") / "ws")
-    init_workspace(ws)
-    config = json.loads(ws.config_file.read_text())
-    config["nats_port"] = free_port()
-    ws.config_file.write_text(json.dumps(config))
-    src = ws.pack_source("typed")
-    src.mkdir(parents=True)
-    (src / "pack.json").write_text(json.dumps({"id": "typed", "version": "0.1.0"}))
-    (src / "main.py").write_text(TYPED_PACK)
-    rt = DockerRuntime(ws, client, prefix=prefix, heartbeat_interval=1.0)
-    try:
-        _images.build_nats_image(client, prefix)
-        build_pack_image(client, ws, "typed", prefix=prefix)
+    with small_packs(tmp_path_factory, "tl", {"typed": TYPED_PACK}, heartbeat_interval=1.0) as rt:
         yield rt
-    finally:
-        try:
-            rt.down()
-        finally:
-            _images.remove_images(client, prefix)
-            client.close()
 
 
 @pytest.mark.docker

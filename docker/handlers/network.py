@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -388,7 +388,7 @@ async def _open_stream(
         record_outcome=ctx.record_outcome,
         notes=ctx.audit,
         start=start,
-        still_granted=_stream_still_granted(ctx),
+        still_granted=_still_granted(ctx, _recheck_stream),
     )
     # The outcome event of this request is written once, when the stream closes.
     return {
@@ -401,26 +401,48 @@ async def _open_stream(
     }
 
 
-def _stream_still_granted(ctx: HandlerContext) -> Any:
-    """A periodic revocation check of an open stream, when the broker offers `current_grant()`."""
+def _still_granted(ctx: HandlerContext, recheck: Callable[[Any, Any], None]) -> Any:
+    """A periodic revocation check of an open session (tunnel or stream), when the broker offers
+    `current_grant()`: the session is still granted while `recheck(policy, session)` raises nothing
+    for the current grant's policy."""
     current_grant = ctx.current_grant
     if current_grant is None:
         return None
 
-    def check(stream: Any) -> bool:
+    def check(session: Any) -> bool:
         try:
             grant = current_grant()
             if not isinstance(grant, Mapping) or grant.get("enabled") is not True:
                 return False
-            policy = _policy(grant)
-            policy.check_destination(stream.dest)
-            if stream.address is not None:
-                policy.check_addresses(stream.dest, (stream.address,))
+            recheck(_policy(grant), session)
         except Exception:
             return False
         return True
 
     return check
+
+
+def _recheck_stream(policy: Any, stream: Any) -> None:
+    policy.check_destination(stream.dest)
+    if stream.address is not None:
+        policy.check_addresses(stream.dest, (stream.address,))
+
+
+def _recheck_tunnel(policy: Any, tunnel: Any) -> None:
+    policy.check_tunnel(tunnel.dest)
+    policy.check_addresses(tunnel.dest, (tunnel.address,))
+
+
+def _chunk(ctx: HandlerContext, call: _Call, cap: int, max_wait: float, timeout: float) -> tuple[int, float]:
+    """How many bytes one read of a session may return and how long it may wait for them."""
+    if call.max_bytes is not None and call.max_bytes < 1:
+        raise InvalidRequest("max_bytes must be at least 1")
+    max_bytes = min(call.max_bytes or cap, cap)
+    reply_cap = ctx.limits.max_reply_bytes
+    if reply_cap > 0:
+        max_bytes = min(max_bytes, max(1, reply_cap - 256))  # data plus the reply's few fields
+    # Answer well inside the broker's own deadline, so a long-poll never turns into a timeout.
+    return max_bytes, max(0.0, min(call.wait, max_wait, timeout - 2.0))
 
 
 async def _continue_stream(
@@ -435,14 +457,7 @@ async def _continue_stream(
     if call.op == "close":
         await table.close(stream, "closed")
         return {"success": True, "data": {}}
-    if call.max_bytes is not None and call.max_bytes < 1:
-        raise InvalidRequest("max_bytes must be at least 1")
-    max_bytes = min(call.max_bytes or _egress.STREAM_CHUNK_BYTES, _egress.STREAM_CHUNK_BYTES)
-    reply_cap = ctx.limits.max_reply_bytes
-    if reply_cap > 0:
-        max_bytes = min(max_bytes, max(1, reply_cap - 256))  # data plus the reply's few fields
-    # Answer well inside the broker's own deadline, so a long-poll never turns into a timeout.
-    wait = max(0.0, min(call.wait, _egress.STREAM_MAX_WAIT, limits.timeout - 2.0))
+    max_bytes, wait = _chunk(ctx, call, _egress.STREAM_CHUNK_BYTES, _egress.STREAM_MAX_WAIT, limits.timeout)
     return {"success": True, "data": await table.read(stream, max_bytes, wait)}
 
 
@@ -467,31 +482,10 @@ async def _open(
         addresses=addresses,
         limits=limits,
         record_outcome=ctx.record_outcome,
-        still_granted=_still_granted(ctx),
+        still_granted=_still_granted(ctx, _recheck_tunnel),
     )
     # No `audit` fields here: the outcome event of this request is written once, at close.
     return {"success": True, "data": {"tunnel": tunnel.tunnel_id}}
-
-
-def _still_granted(ctx: HandlerContext) -> Any:
-    """A periodic revocation check, when the broker offers `current_grant()` (None once revoked)."""
-    current_grant = ctx.current_grant
-    if current_grant is None:
-        return None
-
-    def check(tunnel: Any) -> bool:
-        try:
-            grant = current_grant()
-            if not isinstance(grant, Mapping) or grant.get("enabled") is not True:
-                return False
-            policy = _policy(grant)
-            policy.check_tunnel(tunnel.dest)
-            policy.check_addresses(tunnel.dest, (tunnel.address,))
-        except Exception:
-            return False
-        return True
-
-    return check
 
 
 async def _continue(
@@ -506,14 +500,7 @@ async def _continue(
     if call.op == "send":
         return {"success": True, "data": await table.send(tunnel, call.data, eof=call.eof)}
     if call.op == "recv":
-        if call.max_bytes is not None and call.max_bytes < 1:
-            raise InvalidRequest("max_bytes must be at least 1")
-        max_bytes = call.max_bytes or _tunnel.MAX_CHUNK_BYTES
-        reply_cap = ctx.limits.max_reply_bytes
-        if reply_cap > 0:
-            max_bytes = min(max_bytes, max(1, reply_cap - 256))  # data plus the reply's few fields
-        # Answer well inside the broker's own deadline, so a long-poll never turns into a timeout.
-        wait = max(0.0, min(call.wait, _tunnel.MAX_WAIT_SECONDS, limits.timeout - 2.0))
+        max_bytes, wait = _chunk(ctx, call, _tunnel.MAX_CHUNK_BYTES, _tunnel.MAX_WAIT_SECONDS, limits.timeout)
         return {"success": True, "data": await table.recv(tunnel, max_bytes, wait)}
     await table.close(tunnel, "closed")
     return {"success": True, "data": {}}

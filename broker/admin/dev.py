@@ -396,16 +396,13 @@ def _install_requirements(env_dir: Path, pack_id: str, requirements: list[str]) 
         ) from None
     if done.returncode == 0:
         return
-    text = f"{done.stdout}\n{done.stderr}"
-    missing = re.search(r"No matching distribution found for (\S+)", text)
-    if missing:
-        version = ".".join(map(str, sys.version_info[:2]))
-        raise DevEnvError(
-            f"Pack {pack_id}: no wheel of {missing.group(1)} for Python {version}: `rumi dev` installs "
-            "wheels only (pip --only-binary=:all:), so no package code runs at install; pick a version "
-            "that ships a wheel, or vendor the code into the Pack (or check that the package index is "
-            "reachable)"
-        )
+    from broker.containers.packimage import no_wheel_refusal
+
+    version = ".".join(map(str, sys.version_info[:2]))
+    if (
+        refusal := no_wheel_refusal(f"{done.stdout}\n{done.stderr}", pack_id, f"Python {version}")
+    ) is not None:
+        raise DevEnvError(refusal)
     lines = [
         ln.strip()
         for ln in done.stderr.splitlines()

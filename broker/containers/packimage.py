@@ -433,6 +433,19 @@ def _fetch_pack_wheels(
     return wheels, files
 
 
+def no_wheel_refusal(pip_output: str, pack_id: str, target: str) -> str | None:
+    """The one-line refusal when pip found no wheel of a requirement (for `target`, e.g. "CPython 3.11"),
+    or None when its output says something else. Used by `rumi build` and by `rumi dev`'s environments."""
+    missing = re.search(r"No matching distribution found for (\S+)", pip_output)
+    if missing is None:
+        return None
+    return (
+        f"Pack {pack_id}: no wheel of {missing.group(1)} for {target}: Rumi installs wheels only, so no "
+        "dependency code runs on the host, and refuses a package published only as a source distribution; "
+        "pick a version that ships a wheel (or check that the package index is reachable)"
+    )
+
+
 def _pip(
     args: Sequence[str], *, pack: _Pack, platforms: Sequence[str], hermetic: bool, timeout: float = 600
 ) -> None:
@@ -455,14 +468,9 @@ def _pip(
     if done.returncode == 0:
         return
     text = done.stderr or done.stdout
-    missing = re.search(r"No matching distribution found for (\S+)", text)
-    if missing:
-        where = f" ({platforms[0]})" if platforms else ""
-        raise ImageBuildError(
-            f"Pack {pack.pack_id}: no wheel of {missing.group(1)} for CPython 3.11{where}: Rumi installs "
-            "wheels only, so no dependency code runs on the host, and refuses a package published only as a "
-            "source distribution; pick a version that ships a wheel (or check that the package index is reachable)"
-        )
+    where = f" ({platforms[0]})" if platforms else ""
+    if (refusal := no_wheel_refusal(text, pack.pack_id, f"CPython 3.11{where}")) is not None:
+        raise ImageBuildError(refusal)
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("WARNING:", "  "))]
     last = lines[-1].strip() if lines else f"exit code {done.returncode}"
     raise ImageBuildError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import textwrap
@@ -611,3 +612,86 @@ def test_all_errors_are_grant_errors(ws: Workspace) -> None:
     (ws.grants / "bad.json").write_text("{}")
     store = GrantStore(ws, HandlerRegistry(ws.handlers))
     assert all(isinstance(e, GrantError) for e in store.errors) and store.errors
+
+
+def test_watch_with_inotify_sees_changes_long_before_its_rescan(ws: Workspace, outside: Path) -> None:
+    """The broker's watch (rescan given): a grant, a revocation, a handler removed, each seen at once.
+
+    `interval` and `rescan` are 30 s here, so only the inotify wake-up can explain a change seen within
+    the 3 s bound (the broker's default rescan is 1 s; without inotify it polls every `interval`).
+    """
+    pol = policy_for(ws)
+    refreshes: list[bool | None] = []
+
+    async def until(allowed: bool) -> float:
+        start = time.monotonic()
+        with anyio.fail_after(3):
+            while True:
+                try:
+                    pol.decide("a", "a:tool:t", "files")
+                    now = True
+                except (Denied, UnknownCapability):
+                    now = False
+                if now is allowed:
+                    return time.monotonic() - start
+                await anyio.sleep(0.01)
+
+    async def main() -> list[float]:
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                lambda task_status: pol.grants.watch(
+                    interval=30, rescan=30, on_refresh=refreshes.append, task_status=task_status
+                )
+            )
+            write_grant(ws, "a:tool:t", {"files": {"enabled": True, "directories": [str(outside)]}})
+            granted = await until(True)
+            (ws.grants / "a:tool:t.json").unlink()
+            revoked = await until(False)
+            write_grant(ws, "a:tool:t", {"files": {"enabled": True, "directories": [str(outside)]}})
+            await until(True)
+            (ws.handlers / "files.py").unlink()  # the handler directory is watched too
+            unloaded = await until(False)
+            tg.cancel_scope.cancel()
+        return [granted, revoked, unloaded]
+
+    times = anyio.run(main)
+    print(
+        f"\nwatch(rescan=30) with inotify: grant, revocation, handler removal seen after "
+        f"{', '.join(f'{t * 1000:.0f} ms' for t in times)}"
+    )
+    assert max(times) < 3
+    assert True in refreshes and None not in refreshes
+
+
+def test_notifier_wakes_on_a_change_and_watches_a_directory_made_later(tmp_path: Path) -> None:
+    from broker.core.notify import DirectoryNotifier
+
+    later = tmp_path / "later"
+    notifier = DirectoryNotifier([tmp_path, later])
+    assert notifier.available  # Linux: inotify is there
+
+    async def main() -> list[tuple[bool, float]]:
+        seen = []
+        for change in (
+            lambda: (tmp_path / "a.json").write_text("{}"),  # created and written
+            lambda: os.replace(tmp_path / "a.json", tmp_path / "b.json"),  # renamed in place
+            lambda: later.mkdir(),  # seen through tmp_path; from now on `later` is watched as well
+            lambda: (later / "c.json").write_text("{}"),  # inside the directory made later
+        ):
+            waiter = asyncio.ensure_future(notifier.wait(30))
+            await asyncio.sleep(0.05)  # the waiter (re)adds its watches first
+            start = time.monotonic()
+            change()
+            woke = await asyncio.wait_for(waiter, 5)
+            seen.append((woke, time.monotonic() - start))
+        # Nothing changed: the timeout, reported as such.
+        seen.append((await notifier.wait(0.2), 0.2))
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        notifier.close()
+    assert [woke for woke, _ in seen] == [True, True, True, True, False]
+    assert all(took < 2 for _, took in seen[:4]), seen
+    assert notifier.available is False  # closed: wait() is a plain sleep from now on

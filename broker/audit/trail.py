@@ -625,6 +625,7 @@ class RefusalAggregator:
         self._writer = writer
         self.window = window
         self._buckets: dict[str, _RefusalBucket] = {}
+        self._opened = asyncio.Event()  # a first bucket since the last flush: `run` wakes up
 
     async def add(self, fields: dict[str, Any], *, key: str | None = None) -> None:
         """Count one refusal (the first of a window supplies the event's fields); never waits."""
@@ -635,6 +636,7 @@ class RefusalAggregator:
             bucket = self._buckets[bucket_key] = _RefusalBucket(
                 first=dict(fields), count=0, started=time.monotonic()
             )
+            self._opened.set()
         bucket.count += 1
         bucket.codes[code] = bucket.codes.get(code, 0) + 1
 
@@ -667,8 +669,14 @@ class RefusalAggregator:
         return events
 
     async def run(self) -> None:
-        """Flush windows as they close, until cancelled (call `flush()` once more on shutdown)."""
+        """Flush windows as they close, until cancelled (call `flush()` once more on shutdown).
+
+        Asleep while nothing is counted (an idle broker has no timer here), then every quarter window.
+        """
         while True:
+            if not self._buckets:
+                self._opened.clear()
+                await self._opened.wait()
             await asyncio.sleep(self.window / 4)
             await self.flush(older_than=self.window)
 

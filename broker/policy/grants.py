@@ -43,7 +43,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -748,17 +748,42 @@ class GrantStore:
                     grants.setdefault(state.component_id, {})[cap] = msgspec.msgpack.encode(state.grants[cap])
         return _Snapshot(plugins, scopes, grants, entries, frozenset(invalid), present)
 
+    def watched_directories(self) -> list[Path]:
+        """Where a change can alter a decision: what `refresh()` reads (grants, handlers, scopes,
+        docker/config.json, the work areas) and the top of every protected directory."""
+        ws = self.ws
+        return [ws.docker, ws.grants, ws.handlers, ws.scopes, ws.work_areas, ws.state, ws.packs, ws.ecosystem]
+
     async def watch(
-        self, *, interval: float, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        *,
+        interval: float,
+        rescan: float | None = None,
+        on_refresh: Callable[[bool | None], None] | None = None,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Poll for changes every `interval` seconds until cancelled."""
+        """Refresh until cancelled: every `interval` s, or, given `rescan`, as soon as a watched directory
+        changes (inotify) and at the latest every `rescan` s (`interval` again where inotify is missing).
+
+        `on_refresh(changed)` follows each refresh: True if anything was re-checked, None if it failed.
+        """
+        from broker.core.notify import DirectoryNotifier  # asyncio and ctypes: not for `rumi grants`
+
+        notifier = DirectoryNotifier(self.watched_directories() if rescan is not None else ())
+        wait = max(rescan, interval) if rescan is not None and notifier.available else interval
         task_status.started()
-        while True:
-            await anyio.sleep(interval)
-            try:
-                await anyio.to_thread.run_sync(self.refresh)
-            except Exception as exc:  # a bug here must not stop revocations for good: keep polling
-                log.error("grant refresh failed: %s: %s", type(exc).__name__, exc)
+        try:
+            while True:
+                await notifier.wait(wait if notifier.available else interval)
+                try:
+                    changed: bool | None = await anyio.to_thread.run_sync(self.refresh)
+                except Exception as exc:  # a bug here must not stop revocations for good: keep polling
+                    log.error("grant refresh failed: %s: %s", type(exc).__name__, exc)
+                    changed = None
+                if on_refresh is not None:
+                    on_refresh(changed)
+        finally:
+            notifier.close()
 
 
 # --- decisions ---------------------------------------------------------------------------------------

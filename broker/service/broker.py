@@ -239,7 +239,10 @@ class Broker:
                 # The grant store's watch loop, counted (rumi_policy_reloads_total).
                 await tg.start(
                     functools.partial(
-                        self.metrics.watch_policy, self._policy, interval=self.cfg.broker.grant_poll_interval
+                        self.metrics.watch_policy,
+                        self._policy,
+                        interval=self.cfg.broker.grant_poll_interval,
+                        rescan=self.cfg.broker.grant_rescan_interval,
                     )
                 )
                 self.metrics.count_tunnels()

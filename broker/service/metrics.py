@@ -365,30 +365,33 @@ class BrokerMetrics:
         self.tunnels.set_function(lambda: len(table))
 
     async def watch_policy(
-        self, policy: Policy, *, interval: float, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        policy: Policy,
+        *,
+        interval: float,
+        rescan: float | None = None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Poll for changed handler, scope and grant files every `interval` s, counting reloads.
+        """`GrantStore.watch` (changed handler, scope and grant files), counting reloads and failures.
 
-        The broker runs this instead of `GrantStore.watch`: the same loop, counted. From now on the
-        capability label is a loaded handler's name or `_other`.
+        From now on the capability label is a loaded handler's name or `_other`.
         """
         registry = policy.registry
         self._registry_plugins = lambda: registry.plugins
         self.policy_errors.set(len(policy.errors))
+
+        def refreshed(changed: bool | None) -> None:
+            if changed is None:
+                self.policy_reload_failures.inc()
+            elif changed:
+                self.policy_reloads.inc()
+                self.policy_errors.set(len(policy.errors))
+
         self.serving = True  # for as long as the broker's serve() runs this loop
-        task_status.started()
         try:
-            while True:
-                await anyio.sleep(interval)
-                try:
-                    changed = await anyio.to_thread.run_sync(policy.grants.refresh)
-                except Exception as exc:  # a bug here must not stop revocations for good: keep polling
-                    self.policy_reload_failures.inc()
-                    log.error("grant refresh failed: %s: %s", type(exc).__name__, exc)
-                    continue
-                if changed:
-                    self.policy_reloads.inc()
-                    self.policy_errors.set(len(policy.errors))
+            await policy.grants.watch(
+                interval=interval, rescan=rescan, on_refresh=refreshed, task_status=task_status
+            )
         finally:
             self.serving = False
 

@@ -26,31 +26,9 @@ import pytest
 
 from broker.core.net import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+from ._source import REPO, copy_source, not_source
+
 BASIC_PATH = "/usr/bin:/bin"
-# Not source (top level of the repository): VCS, environments, caches, build output.
-_NOT_SOURCE = {
-    ".git",
-    ".venv",
-    "venv",
-    "build",
-    "dist",
-    ".mypy_cache",
-    ".ruff_cache",
-    ".pytest_cache",
-    ".hypothesis",
-}
-# docker/ is the repository's own workspace: its runtime state is not copied.
-_WORKSPACE_STATE = {".rumi", "packs", "sandbox", "grants"}
-
-
-def _ignore(directory: str, names: list[str]) -> set[str]:
-    here = Path(directory)
-    if here == REPO:
-        return {n for n in names if n in _NOT_SOURCE or n.endswith(".egg-info")}
-    if here == REPO / "docker":
-        return _WORKSPACE_STATE & set(names)
-    return {n for n in names if n == "__pycache__"}
 
 
 def _wait_for_line(proc: subprocess.Popen[bytes], needle: bytes, timeout: float) -> bytes:
@@ -75,7 +53,7 @@ def test_pip_install_gives_a_working_rumi(tmp_path: Path) -> None:
         f"a nats-server on {BASIC_PATH} would hide whether rumi finds its own"
     )
     src, venv, ws = tmp_path / "src", tmp_path / "venv", tmp_path / "ws"
-    shutil.copytree(REPO, src, ignore=_ignore, symlinks=True)
+    copy_source(src, bytecode=False)
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # --no-compile: pip's bytecode pass over every dependency is most of an install's CPU here.
@@ -161,10 +139,13 @@ def test_pip_install_gives_a_working_rumi(tmp_path: Path) -> None:
 
 
 def test_install_copy_leaves_out_what_is_not_source() -> None:
-    assert _ignore(str(REPO), [".git", ".venv", "rumi_broker.egg-info", "broker", "docs"]) == {
+    assert not_source(str(REPO), [".git", ".venv", "rumi_broker.egg-info", "broker", "docs"]) == {
         ".git",
         ".venv",
         "rumi_broker.egg-info",
     }
-    assert _ignore(str(REPO / "docker"), [".rumi", "handlers", "grants"]) == {".rumi", "grants"}
+    assert not_source(str(REPO / "docker"), [".rumi", "handlers", "grants"], bytecode=False) == {
+        ".rumi",
+        "grants",
+    }
     assert os.path.isdir(REPO / "broker") and (REPO / "pyproject.toml").is_file()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -19,27 +18,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from ._source import copy_source
+
 TOP_PACKAGES = ("broker", "pack_runtime")
 # Named explicitly (the CLI entry point, the handler API, the defaults); the rest is compared with the tree.
 MUST_IMPORT = ("broker.cli", "broker.handler_api", "broker._defaults", "pack_runtime")
 # broker._defaults is config/ (pyproject.toml [tool.setuptools.package-dir]).
 MUST_SHIP = ("handlers/file_read.py", "scopes", "schema", "base/Dockerfile", "ecosystem/default/pack.json")
-# Not part of the source (top level only): VCS, environments, caches, build output.
-_NOT_SOURCE = {
-    ".git",
-    ".venv",
-    "venv",
-    "build",
-    "dist",
-    ".mypy_cache",
-    ".ruff_cache",
-    ".pytest_cache",
-    ".hypothesis",
-}
-# docker/ is the repository's own workspace: its runtime state (gitignored) is not copied.
-_WORKSPACE_STATE = {".rumi", "packs", "sandbox", "grants"}
-
 # Runs in the installed location: imports every module the wheel holds, lists broker._defaults.
 _CHILD = r"""
 import importlib, json, pkgutil, sys
@@ -108,16 +93,6 @@ def _can_build_without_isolation() -> bool:
     return setuptools >= (68,) and (setuptools >= (70, 1) or _version("wheel") >= (0, 40))
 
 
-def _ignore(directory: str, names: list[str]) -> set[str]:
-    """What `shutil.copytree` leaves out: only top-level clutter and the workspace's runtime state."""
-    here = Path(directory)
-    if here == REPO:
-        return {n for n in names if n in _NOT_SOURCE or n.endswith(".egg-info")}
-    if here == REPO / "docker":
-        return _WORKSPACE_STATE & set(names)
-    return set()
-
-
 def _tree_files(root: Path) -> set[str]:
     return {
         p.relative_to(root).as_posix()
@@ -145,7 +120,7 @@ def test_wheel_ships_every_package_and_every_default(
 ) -> None:
     src, wheels, site = tmp_path / "src", tmp_path / "wheels", tmp_path / "site"
     # The copy is the tree under test: the wheel is built from it and the expected lists come from it.
-    shutil.copytree(REPO, src, ignore=_ignore, symlinks=True)
+    copy_source(src)
     # Bytecode next to the defaults (left by anything that imports a handler from config/) stays out.
     (src / "config" / "handlers" / "__pycache__").mkdir(exist_ok=True)
     (src / "config" / "handlers" / "__pycache__" / "file_read.cpython-311.pyc").write_bytes(b"stale")

@@ -20,6 +20,7 @@ import anyio
 
 from broker.core.context import HandlerContext, Limits
 from broker.core.errors import Denied
+from broker.core.protected import ProtectedSet
 from broker.policy.plugins import HandlerPlugin, load_handler_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,27 @@ HANDLERS = REPO / "config" / "handlers"
 # Dict keys tests use → HandlerContext fields.
 _RENAMED = {"egress_resolver": "resolver", "egress_verify": "tls_verify"}
 _FIELDS = set(HandlerContext.__dataclass_fields__)
+
+
+def file_context(
+    directories: list[str],
+    protected: ProtectedSet | None = None,
+    pack_id: str = "p1",
+    *,
+    max_bytes: int | None = None,
+) -> HandlerContext:
+    """The context a file back-end call gets for a grant of `directories` (tool `<pack_id>:tool:t`)."""
+    grant: dict[str, Any] = {"enabled": True, "directories": directories}
+    if max_bytes is not None:
+        grant["max_bytes"] = max_bytes
+    return HandlerContext(
+        pack_id=pack_id,
+        component_id=f"{pack_id}:tool:t",
+        request_id="r1",
+        grant=grant,
+        limits=Limits(timeout=5),
+        protected=protected if protected is not None else ProtectedSet(),
+    )
 
 
 def as_context(context: HandlerContext | Mapping[str, Any]) -> HandlerContext:
@@ -43,7 +65,8 @@ def as_context(context: HandlerContext | Mapping[str, Any]) -> HandlerContext:
     limits = values.get("limits")
     if isinstance(limits, Mapping):
         values["limits"] = Limits(
-            timeout=float(limits.get("timeout", math.inf)), max_reply_bytes=int(limits.get("max_reply_bytes", 0))
+            timeout=float(limits.get("timeout", math.inf)),
+            max_reply_bytes=int(limits.get("max_reply_bytes", 0)),
         )
     root = values.get("workspace_root")
     if isinstance(root, str):

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -19,20 +20,13 @@ from broker.core.errors import Denied, HandlerFailed, InvalidRequest
 from broker.core.workspace import Workspace
 from pack_runtime import BrokerError, PermissionDenied
 
+from ._handlers import file_context
 from .conftest import connected_pack, running_broker
 
 TOOL = "default:tool:my_tool"
 
 
-def ctx(directories: list[str]) -> HandlerContext:
-    return HandlerContext(
-        pack_id="p1",
-        component_id="p1:tool:t",
-        request_id="r1",
-        grant={"enabled": True, "directories": directories, "max_bytes": 1 << 20},
-        limits=Limits(timeout=5),
-        protected=ProtectedSet(),
-    )
+ctx = functools.partial(file_context, max_bytes=1 << 20)
 
 
 def tree_of(root: Path) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import functools
 import os
 import threading
 import time
@@ -23,24 +24,17 @@ from broker.backends.files import (
     read_beneath,
     write_beneath,
 )
-from broker.core.context import HandlerContext, Limits
 from broker.core.errors import Denied, HandlerFailed, InvalidRequest, RequestError, TooLarge, Unavailable
 from broker.core.workspace import Workspace
+
+from ._handlers import file_context
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 SECRET = b"TOP-SECRET-OUTSIDE-THE-GRANT"
 INSIDE = b"inside the grant"
 
 
-def ctx(directories: list[str], protected: ProtectedSet | None = None) -> HandlerContext:
-    return HandlerContext(
-        pack_id="p1",
-        component_id="p1:tool:t",
-        request_id="r1",
-        grant={"enabled": True, "directories": directories, "max_bytes": 1 << 20},
-        limits=Limits(timeout=5),
-        protected=protected if protected is not None else ProtectedSet(),
-    )
+ctx = functools.partial(file_context, max_bytes=1 << 20)
 
 
 @pytest.fixture

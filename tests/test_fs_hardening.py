@@ -15,13 +15,13 @@ import pytest
 
 from broker.backends.files import read_beneath, write_beneath
 from broker.core import protected as _protected
-from broker.core.context import HandlerContext, Limits
 from broker.core.errors import Denied
-from broker.core.protected import ProtectedSet, pseudo_fs_of_path
+from broker.core.protected import pseudo_fs_of_path
 from broker.core.workspace import Workspace
 from broker.policy.grants import Policy, check_directory
 from pack_runtime import PermissionDenied
 
+from ._handlers import file_context
 from .conftest import connected_pack, running_broker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,15 +29,7 @@ TOOL = "default:tool:my_tool"
 ENV_SECRET = "rumi-test-environ-secret-4242"
 
 
-def ctx(directories: list[str], protected: ProtectedSet | None = None) -> HandlerContext:
-    return HandlerContext(
-        pack_id="p1",
-        component_id="p1:tool:t",
-        request_id="r1",
-        grant={"enabled": True, "directories": directories},
-        limits=Limits(timeout=5),
-        protected=protected if protected is not None else ProtectedSet(),
-    )
+ctx = file_context
 
 
 def _mounted_types() -> dict[str, str]:

@@ -13,24 +13,17 @@ import pytest
 
 from broker.backends.files import read_beneath, write_beneath
 from broker.core import protected as _protected
-from broker.core.context import HandlerContext, Limits
 from broker.core.errors import Denied
 from broker.core.protected import ProtectedIndex, ProtectedSet, file_identity
 from broker.core.workspace import Workspace
+
+from ._handlers import file_context
 
 SECRET = b"SUASECRETSEEDSECRETSEED"
 INSIDE = b"inside the grant"
 
 
-def ctx(directories: list[str], protected: ProtectedSet, pack_id: str = "p1") -> HandlerContext:
-    return HandlerContext(
-        pack_id=pack_id,
-        component_id=f"{pack_id}:tool:t",
-        request_id="r1",
-        grant={"enabled": True, "directories": directories},
-        limits=Limits(timeout=5),
-        protected=protected,
-    )
+ctx = file_context
 
 
 @pytest.fixture

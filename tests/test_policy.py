@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from broker.core.errors import Denied, GrantError, RequestError, ScopeError, UnknownCapability
+from broker.core.errors import Denied, GrantError, RequestError, ScopeError, UnknownCapability, WorkspaceError
 from broker.core.protected import file_identity
 from broker.core.workspace import Workspace
 from broker.policy.grants import (
@@ -695,3 +695,13 @@ def test_notifier_wakes_on_a_change_and_watches_a_directory_made_later(tmp_path:
     assert [woke for woke, _ in seen] == [True, True, True, True, False]
     assert all(took < 2 for _, took in seen[:4]), seen
     assert notifier.available is False  # closed: wait() is a plain sleep from now on
+
+
+@pytest.mark.parametrize("key", ["grant_poll_interval", "grant_rescan_interval"])
+def test_a_watch_interval_of_zero_is_refused_with_the_key_named(ws: Workspace, key: str) -> None:
+    # 0 (or less) would make the broker re-read the grant files in a busy loop.
+    ws.config_file.write_text(json.dumps({"broker": {key: 0}}))
+    with pytest.raises(WorkspaceError, match=rf"Expected `float` > 0.* - at `\$\.broker\.{key}`"):
+        ws.load_config()
+    ws.config_file.write_text(json.dumps({"broker": {key: 0.5}}))
+    assert getattr(ws.load_config().broker, key) == 0.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
@@ -19,6 +20,10 @@ class AccountLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_subscriptions: int = 64
 
 
+# A wait between two looks at the grant files: 0 or less would spin.
+Interval = Annotated[float, msgspec.Meta(gt=0)]
+
+
 class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`broker` in docker/config.json. Rates, in-flight, threads and refusals are per Pack (one lane each)."""
 
@@ -26,8 +31,8 @@ class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_per_second: float = 200.0
     burst: int = 400
     request_timeout: float = 30.0
-    grant_poll_interval: float = 0.2  # how often grants are re-read where inotify is missing
-    grant_rescan_interval: float = 1.0  # with inotify: re-read on every change, and at least this often
+    grant_poll_interval: Interval = 0.2  # how often grants are re-read where inotify is missing
+    grant_rescan_interval: Interval = 1.0  # with inotify: re-read on every change, and at least this often
     max_in_flight_per_pack: int = 32  # tunnel long-polls hold one of their own Pack's slots
     threads_per_pack: int = 4  # blocking handlers (files, Docker) of one Pack at once
     refusals_per_second: int = 10  # audited one by one; more are folded into one event with a count

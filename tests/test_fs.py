@@ -287,6 +287,35 @@ def test_read_size_cap(tree: dict[str, Path]) -> None:
         read_beneath(ctx([str(tree["grant"])]), f"{tree['grant']}/big", 100)
 
 
+@pytest.mark.parametrize("hint", [0, 10, 5000, 200_000])
+def test_read_reads_to_the_end_whatever_the_size_hint(tmp_path: Path, hint: int) -> None:
+    # The first read is sized from the fstat that checked the file; a file that grew since (hint
+    # too small) is still read to its end, and the cap still holds.
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _fs._read_capped(fd, 20_000, hint) == path.read_bytes()
+        os.lseek(fd, 0, os.SEEK_SET)
+        with pytest.raises(TooLarge):
+            _fs._read_capped(fd, 10_239, hint)
+    finally:
+        os.close(fd)
+
+
+def test_read_of_a_file_in_a_subdirectory_and_in_the_grant_root(tree: dict[str, Path]) -> None:
+    # A name directly in the grant root is opened in the root's own fd (no second fd of it).
+    (tree["grant"] / "sub").mkdir(exist_ok=True)
+    (tree["grant"] / "sub" / "f").write_bytes(b"deep")
+    (tree["grant"] / "top").write_bytes(b"top")
+    context = ctx([str(tree["grant"])])
+    assert read_beneath(context, f"{tree['grant']}/sub/f", 100) == b"deep"
+    assert read_beneath(context, f"{tree['grant']}/top", 100) == b"top"
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        read_beneath(context, f"{tree['grant']}/top", 100)
+    assert len(os.listdir("/proc/self/fd")) == before  # no descriptor leaked
+
 # --- races -----------------------------------------------------------------------------------------
 
 

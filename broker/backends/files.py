@@ -106,6 +106,11 @@ def _load_syscall() -> Any:
 
 
 _syscall = _load_syscall()
+_NR_OPENAT2 = ctypes.c_long(_SYS_OPENAT2)
+_HOW_SIZE = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
+# open_how structs by (flags, mode, resolve), made once: the kernel only reads them (a handful of
+# distinct ones are used; never changed after they are made, so threads may share them).
+_HOWS: dict[tuple[int, int, int], _OpenHow] = {}
 _NO_OPENAT2 = "openat2 is not available (needs Linux 5.6 or newer); file access is refused"
 
 
@@ -125,16 +130,13 @@ def openat2(
     raw = os.fsencode(path)
     if b"\0" in raw:
         raise OSError(errno.EINVAL, "path contains a NUL byte")
-    how = _OpenHow(flags, mode, resolve)
-    fd = int(
-        _syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_int(dirfd),
-            ctypes.c_char_p(raw),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-    )
+    key = (flags, mode, resolve)
+    how = _HOWS.get(key)
+    if how is None:
+        how = _OpenHow(flags, mode, resolve)
+        if len(_HOWS) < 64:
+            _HOWS[key] = how
+    fd = int(_syscall(_NR_OPENAT2, ctypes.c_int(dirfd), raw, ctypes.byref(how), _HOW_SIZE))
     if fd < 0:
         err = ctypes.get_errno()
         if err == errno.ENOSYS:
@@ -287,15 +289,24 @@ def _split(rel: str) -> tuple[str, str]:
 class _Entry:
     """A resolved object beneath a grant root: its O_PATH fd and the real directory holding it."""
 
-    def __init__(self, fd: int, st: os.stat_result, parent_fd: int | None, name: str | None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        st: os.stat_result,
+        parent_fd: int | None,
+        name: str | None,
+        *,
+        owns_parent: bool = True,
+    ) -> None:
         self.fd = fd
         self.st = st
         self.parent_fd = parent_fd
         self.name = name
+        self.owns_parent = owns_parent  # False when the parent is the grant root itself (the caller's fd)
 
     def close(self) -> None:
         os.close(self.fd)
-        if self.parent_fd is not None:
+        if self.parent_fd is not None and self.owns_parent:
             os.close(self.parent_fd)
 
 
@@ -311,20 +322,29 @@ def _resolve(root_fd: int, rel: str) -> _Entry:
         if name in (".", ".."):
             fd = _openat2_retrying(root_fd, rel, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             return _Entry(fd, os.fstat(fd), None, None)
-        parent = _openat2_retrying(root_fd, dir_part, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # A name directly in the grant root (the usual case) is opened in the root itself: resolving
+        # "." beneath it would only give another fd of the same directory.
+        owned = dir_part != "."
+        parent = (
+            _openat2_retrying(root_fd, dir_part, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            if owned
+            else root_fd
+        )
         try:
             fd = _openat2_retrying(parent, name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except BaseException:
-            os.close(parent)
+            if owned:
+                os.close(parent)
             raise
         st = os.fstat(fd)
         if not stat.S_ISLNK(st.st_mode):
-            return _Entry(fd, st, parent, name)
+            return _Entry(fd, st, parent, name, owns_parent=owned)
         try:
             target = os.readlink("", dir_fd=fd)
         finally:
             os.close(fd)
-            os.close(parent)
+            if owned:
+                os.close(parent)
         if target.startswith("/"):
             raise Denied("path escapes the granted directory")
         rel = f"{dir_part}/{target}"
@@ -337,9 +357,9 @@ def read_beneath(context: HandlerContext, path: str, max_bytes: int) -> bytes:
     Refuses escapes, magic links, protected paths, non-regular files, files on pseudo file systems;
     TooLarge over `max_bytes`.
     """
-    fd = open_beneath(context, path, max_bytes)
+    fd, size = _open_beneath(context, path, max_bytes)
     try:
-        return _read_capped(fd, max_bytes)
+        return _read_capped(fd, max_bytes, size)
     except OSError as exc:
         raise _safe_error(exc) from None
     finally:
@@ -354,13 +374,13 @@ async def read_beneath_async(
 ) -> bytes:
     """`read_beneath` for an async handler: opened and checked in the event loop (a few syscalls);
     a file up to `inline_bytes` is read there too, a larger one in the Pack's own handler threads."""
-    fd = open_beneath(context, path, max_bytes)
+    fd, size = _open_beneath(context, path, max_bytes)
     try:
-        if os.fstat(fd).st_size <= inline_bytes:
-            return _read_capped(fd, max_bytes)
+        if size <= inline_bytes:
+            return _read_capped(fd, max_bytes, size)
         # Not abandoned on cancel: the fd is closed below only once no thread reads it.
         run = context.run_blocking or anyio.to_thread.run_sync
-        data: bytes = await run(_read_capped, fd, max_bytes)
+        data: bytes = await run(_read_capped, fd, max_bytes, size)
         return data
     except OSError as exc:
         raise _safe_error(exc) from None
@@ -370,6 +390,11 @@ async def read_beneath_async(
 
 def open_beneath(context: HandlerContext, path: str, max_bytes: int) -> int:
     """The checked, opened file for `read_beneath` (the caller closes the fd)."""
+    return _open_beneath(context, path, max_bytes)[0]
+
+
+def _open_beneath(context: HandlerContext, path: str, max_bytes: int) -> tuple[int, int]:
+    """`open_beneath`, and the opened file's size (from the fstat that checked it)."""
     grant_dir, rel = find_grant_root(path, _grant_directories(context))
     protected = protected_set(context)
     root_fd = _open_root(grant_dir)
@@ -381,7 +406,7 @@ def open_beneath(context: HandlerContext, path: str, max_bytes: int) -> int:
         os.close(root_fd)
 
 
-def _open_for_read(root_fd: int, rel: str, max_bytes: int, protected: ProtectedSet) -> int:
+def _open_for_read(root_fd: int, rel: str, max_bytes: int, protected: ProtectedSet) -> tuple[int, int]:
     entry = _resolve(root_fd, rel)
     try:
         if stat.S_ISDIR(entry.st.st_mode):
@@ -407,16 +432,20 @@ def _open_for_read(root_fd: int, rel: str, max_bytes: int, protected: ProtectedS
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return fd, st.st_size
     finally:
         entry.close()
 
 
-def _read_capped(fd: int, max_bytes: int) -> bytes:
+def _read_capped(fd: int, max_bytes: int, size_hint: int = _READ_CHUNK) -> bytes:
+    """The file's bytes, TooLarge past `max_bytes`; `size_hint` (its size when checked) sizes the first
+    read, so a small file costs a buffer of its own size, not `_READ_CHUNK`. Reads until end of file."""
     chunks: list[bytes] = []
     total = 0
+    want = min(max(size_hint, 0) + 1, _READ_CHUNK)
     while total <= max_bytes:
-        chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - total))
+        chunk = os.read(fd, min(want, max_bytes + 1 - total))
+        want = _READ_CHUNK
         if not chunk:
             break
         chunks.append(chunk)

@@ -717,9 +717,13 @@ class ProtectedSet:
                 raise Denied("cannot check a file without its directory")
             start, start_id = fd, file_identity(st)
         else:
-            start, start_id = parent_fd, file_identity(os.fstat(parent_fd))
+            parent_st = os.fstat(parent_fd)
+            start, start_id = parent_fd, file_identity(parent_st)
             if name is not None and any(s.refuses_name(start_id, name, self._view) for s in states):
                 raise Denied("path is protected")
+            if parent_fd == root_fd:  # the object lies directly in its grant root: one fstat serves both
+                self._walk_from(states, start, start_id, stop_at, root_fd, parent_st)
+                return
         self._walk_from(states, start, start_id, stop_at, root_fd)
 
     def check_entry(
@@ -753,13 +757,15 @@ class ProtectedSet:
         start_id: FileIdentity,
         stop_at: FileIdentity | None,
         root_fd: int | None,
+        root_st: os.stat_result | None = None,
     ) -> None:
         if root_fd is None:
             self._walk_up(states, start, start_id, stop_at)
             return
         if stop_at is not None:
             raise ValueError("pass either stop_at or root_fd")
-        root_st = os.fstat(root_fd)
+        if root_st is None:
+            root_st = os.fstat(root_fd)
         root_id = file_identity(root_st)
         if self._walk_up(states, start, start_id, root_id):
             self._check_chain(states, root_fd, root_id, root_st.st_ctime_ns)

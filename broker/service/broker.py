@@ -82,6 +82,7 @@ class PackReader:
     """
 
     MAX_PAUSE = 8.0
+    ADMIT_RUN = 16  # admitted requests read in one turn of the event loop, at most
 
     def __init__(self, ws: Workspace, pack_id: str, nc: Client, flood_refusals: int) -> None:
         self.ws = ws
@@ -117,10 +118,17 @@ class PackReader:
         while not self._stopped:
             window, refused = time.monotonic(), 0
             flooding = False
-            # Never inside a nats-py callback. One message, then a turn for everyone else: a Pack with
-            # a deep backlog cannot keep the event loop from the other Packs' readers and requests.
+            # Never inside a nats-py callback. After each refusal, and after every `ADMIT_RUN` admitted
+            # requests, a turn for everyone else: a Pack with a deep backlog cannot keep the event loop
+            # from the other Packs' readers and requests (what it can admit at once is bounded by its
+            # in-flight quota; past that, each message is a refusal and yields).
+            admitted = 0
             async for msg in self.sub.messages:
-                if not await admit(msg, requests):
+                if await admit(msg, requests):
+                    admitted += 1
+                    if admitted < self.ADMIT_RUN:
+                        continue
+                else:
                     now = time.monotonic()
                     if now - window >= 1.0:
                         window, refused = now, 0
@@ -128,6 +136,7 @@ class PackReader:
                     if refused > self.flood_refusals:
                         flooding = True
                         break
+                admitted = 0
                 await asyncio.sleep(0)
             if not flooding or self._stopped:
                 return

@@ -354,6 +354,11 @@ async def test_custom_handlers_sync_async_and_failing(ws: Workspace, nats_server
 async def test_two_brokers_in_a_queue_group_keep_separate_chains(ws: Workspace, nats_server: object) -> None:
     from broker.audit.trail import verify_events
 
+    # 60 writes at once over two brokers: the queue group may hand one of them more than the default
+    # 32-per-Pack quota, which is not what this test is about.
+    cfg = json.loads(ws.config_file.read_text())
+    cfg["broker"]["max_in_flight_per_pack"] = 64
+    ws.config_file.write_text(json.dumps(cfg))
     async with running_broker(ws) as b1, running_broker(ws) as b2, connected_pack(ws) as pack:
         ctx = pack.context(TOOL)
         path = f"{ws.pack_work_area('default')}/q.txt"

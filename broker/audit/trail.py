@@ -326,8 +326,9 @@ class AuditWriter:
         retry_delay: float = 0.05,
         max_pending: int = 8192,
     ) -> None:
-        # A JetStream context (its connection is used) or a connection.
+        # A JetStream context (its connection is used) or a connection (nats-py or broker.bus.wire).
         self._nc = getattr(js, "_nc", js)
+        self._publish_nowait = getattr(self._nc, "publish_nowait", None)
         self.chain = chain
         self.timeout = timeout
         self.retry_delay = retry_delay
@@ -343,6 +344,7 @@ class AuditWriter:
         self._starting: asyncio.Task[None] | None = None
         self._start_lock: asyncio.Lock | None = None
         self._next = 0
+        self._closed = False
         self.batches = 0  # publish rounds (a round sends every event queued at that moment)
         self.stored = 0  # events acknowledged
 
@@ -388,7 +390,12 @@ class AuditWriter:
             self._starting = asyncio.get_running_loop().create_task(self._start_and_kick())
 
     async def _start_and_kick(self) -> None:
-        await self._ensure_started()
+        try:
+            await self._ensure_started()
+        except Exception as exc:
+            # No writer (its connection is gone, or it was closed): what is queued fails, logged.
+            self._fail_all(AuditError(f"the audit writer cannot start: {_describe(exc)}"))
+            return
         assert self._wake is not None
         self._wake.set()
 
@@ -400,7 +407,9 @@ class AuditWriter:
         return not self.pending
 
     async def close(self) -> None:
-        """Stop the writer task and its reply subscription; whatever is still pending fails."""
+        """Stop the writer task and its reply subscription; whatever is still pending fails, and so does
+        anything recorded later."""
+        self._closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -416,6 +425,8 @@ class AuditWriter:
     async def _ensure_started(self) -> None:
         if self._task is not None and not self._task.done():
             return
+        if self._closed:
+            raise AuditError("the audit writer is closed")
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
@@ -423,7 +434,10 @@ class AuditWriter:
                 return
             if self._sub is None:
                 prefix = self._nc.new_inbox() + "."
-                self._sub = await self._nc.subscribe(prefix + "*", cb=self._on_ack)
+                # A connection that calls plain callbacks as it parses (broker.bus.wire) gets the
+                # ack handler itself; nats-py gets a coroutine around it.
+                inline = getattr(self._nc, "delivers_inline", False)
+                self._sub = await self._nc.subscribe(prefix + "*", cb=self._ack if inline else self._on_ack)
                 self._prefix = prefix
             self._wake = asyncio.Event()
             self._room = asyncio.Event()
@@ -495,18 +509,22 @@ class AuditWriter:
         self._next += 1
         token = str(self._next)
         self._inflight[token] = waiter
+        headers = {"Nats-Msg-Id": waiter.msg_id, "Nats-Expected-Stream": AUDIT_STREAM}
         try:
-            await self._nc.publish(
-                waiter.subject,
-                waiter.payload,
-                reply=self._prefix + token,
-                headers={"Nats-Msg-Id": waiter.msg_id, "Nats-Expected-Stream": AUDIT_STREAM},
-            )
+            if self._publish_nowait is not None:  # broker.bus.wire: queued for this turn's one write
+                self._publish_nowait(waiter.subject, waiter.payload, self._prefix + token, headers)
+            else:
+                await self._nc.publish(
+                    waiter.subject, waiter.payload, reply=self._prefix + token, headers=headers
+                )
         except Exception as exc:
             self._inflight.pop(token, None)
             self._failed(waiter, exc)
 
     async def _on_ack(self, msg: Any) -> None:
+        self._ack(msg)
+
+    def _ack(self, msg: Any) -> None:
         waiter = self._inflight.pop(msg.subject[len(self._prefix) :], None)
         if waiter is None:
             return  # late: it was already retried or failed

@@ -30,6 +30,7 @@ from nats.aio.client import Client
 
 from broker.bus.config import config_path, inbox_prefix, write_config
 from broker.bus.creds import ensure_identity
+from broker.bus.wire import WireConnection, WireError
 from broker.core.atomic import write_atomic
 from broker.core.errors import NatsSetupError
 from broker.core.protocol import (
@@ -364,6 +365,19 @@ async def connect(ws: Workspace, role: str, *, initial_timeout: float = 5.0, **k
         # Nothing answers the configured server: the Compose deployment's NATS (docs/compose.md).
         why += "; is `docker-compose -f docker/docker-compose.yml up -d` running?"
     raise NatsSetupError(f"cannot connect to NATS at {url} as {role}: {why}")
+
+
+async def wire_connect(ws: Workspace, role: str, *, name: str) -> WireConnection:
+    """A lean connection (`broker.bus.wire`) as identity `role`, for the broker's hot paths.
+
+    It re-connects by itself once connected; the first connection must succeed (NatsSetupError).
+    """
+    ident = ensure_identity(ws, role)
+    url = nats_url(ws)
+    try:
+        return await WireConnection.open(url, ident.seed_path, name=name, inbox_prefix=inbox_prefix(role))
+    except WireError as exc:
+        raise NatsSetupError(f"cannot connect to NATS at {url} as {role}: {exc}") from None
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -50,9 +50,9 @@ from broker.service.record import RequestRecord, peek_request_id
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
-    from nats.aio.msg import Msg
 
     from broker.audit.trail import AuditWriter
+    from broker.bus.wire import WireConnection, WireMsg
     from broker.policy.grants import Decision, GrantStore, Policy
     from broker.policy.plugins import HandlerPlugin
 
@@ -66,7 +66,7 @@ PENDING_BYTES_LIMIT = 128 * 1024 * 1024
 PACK_POLL_INTERVAL = 1.0  # how often the broker looks for added or removed Packs
 AUDIT_SPACE_POLL = 10.0  # how often the broker checks how full the audit stream is
 
-Admit = Callable[["Msg", anyio.abc.TaskGroup], Coroutine[Any, Any, bool]]
+Admit = Callable[["WireMsg", anyio.abc.TaskGroup], Coroutine[Any, Any, bool]]
 
 
 class PackReader:
@@ -84,7 +84,7 @@ class PackReader:
     MAX_PAUSE = 8.0
     ADMIT_RUN = 16  # admitted requests read in one turn of the event loop, at most
 
-    def __init__(self, ws: Workspace, pack_id: str, nc: Client, flood_refusals: int) -> None:
+    def __init__(self, ws: Workspace, pack_id: str, nc: WireConnection, flood_refusals: int) -> None:
         self.ws = ws
         self.pack_id = pack_id
         self.nc = nc
@@ -97,9 +97,9 @@ class PackReader:
     async def open(
         cls, ws: Workspace, pack_id: str, requests: anyio.abc.TaskGroup, admit: Admit, flood_refusals: int
     ) -> PackReader:
-        from broker.bus.server import connect
+        from broker.bus.server import wire_connect
 
-        nc = await connect(ws, "broker", name=f"rumi-broker-{pack_id}")
+        nc = await wire_connect(ws, "broker", name=f"rumi-broker-{pack_id}")
         reader = cls(ws, pack_id, nc, flood_refusals)
         await reader._subscribe()
         requests.start_soon(reader._read, requests, admit)
@@ -163,8 +163,7 @@ class PackReader:
     async def close(self) -> None:
         await self.stop()
         with contextlib.suppress(Exception):
-            if not self.nc.is_closed:
-                await self.nc.close()
+            await self.nc.close()
 
 
 def pack_worker(pack_id: str, workers: int) -> int:
@@ -224,7 +223,7 @@ class Broker:
         """Connect, subscribe in the queue group and serve until cancelled or `stop()`; then drain."""
         from broker.audit.checkpoint import Checkpointer
         from broker.audit.trail import RefusalAggregator
-        from broker.bus.server import connect
+        from broker.bus.server import connect, wire_connect
         from broker.policy.grants import GrantStore, Policy
         from broker.policy.plugins import HandlerRegistry
 
@@ -240,7 +239,9 @@ class Broker:
         nc = await connect(self.ws, "broker", name="rumi-broker")
         self._nc = nc
         self._max_reply = int(getattr(nc, "max_payload", 0) or 1024 * 1024)
-        self._audit = MeasuredAuditWriter(nc.jetstream(), checkpoints.chain, metrics=self.metrics)
+        # The audit writer's publishes and acks go over a lean connection of their own (broker.bus.wire).
+        audit_conn = await wire_connect(self.ws, "broker", name="rumi-broker-audit")
+        self._audit = MeasuredAuditWriter(audit_conn, checkpoints.chain, metrics=self.metrics)
         self._aggregator = RefusalAggregator(self._audit)
         try:
             async with anyio.create_task_group() as tg:
@@ -279,6 +280,7 @@ class Broker:
             self._background = None
             with anyio.move_on_after(5, shield=True):
                 await self._audit.close()
+                await audit_conn.close()
                 for reader in list(self._readers.values()):
                     await reader.close()
                 if not nc.is_closed:
@@ -367,7 +369,7 @@ class Broker:
                 log.error("shutdown hook of handler %s failed: %s", name, type(exc).__name__)
 
     # -- one request -----------------------------------------------------------------------
-    async def _admit(self, msg: Msg, requests: anyio.abc.TaskGroup) -> bool:
+    async def _admit(self, msg: WireMsg, requests: anyio.abc.TaskGroup) -> bool:
         """Run inline by the Pack's reader: the lane's bounds first, an over-limit request refused at once.
 
         The lane is the server-stamped account's. A refusal here costs a token check and a reply; an
@@ -396,7 +398,7 @@ class Broker:
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _serve(self, msg: Msg, lane: PackLane, rec: RequestRecord) -> None:
+    async def _serve(self, msg: WireMsg, lane: PackLane, rec: RequestRecord) -> None:
         try:
             reply = await self._process(msg, lane, rec)
         finally:
@@ -406,7 +408,7 @@ class Broker:
         self.metrics.request(lane.pack_id, rec.capability, rec.decision, rec.code, rec.started)
 
     @staticmethod
-    async def _respond(msg: Msg, reply: bytes) -> None:
+    async def _respond(msg: WireMsg, reply: bytes) -> None:
         if msg.reply:
             try:
                 await msg.respond(reply)
@@ -419,7 +421,7 @@ class Broker:
         await self._aggregator.add(rec.fields("deny", "rate_limited"), key=lane.account)
         return error_reply(rec.reply_id, "rate_limited", message)
 
-    async def _process(self, msg: Msg, lane: PackLane, rec: RequestRecord) -> bytes:
+    async def _process(self, msg: WireMsg, lane: PackLane, rec: RequestRecord) -> bytes:
         try:
             self._check_identity(msg, lane)
             return await self._decide_and_run(msg, lane, rec)
@@ -431,7 +433,7 @@ class Broker:
             return await self._refuse(lane, rec, errors.Unavailable("internal broker error"))
 
     @staticmethod
-    def _check_identity(msg: Msg, lane: PackLane) -> None:
+    def _check_identity(msg: WireMsg, lane: PackLane) -> None:
         parts = msg.subject.split(".")
         pack_id = parts[2] if len(parts) == 5 else ""
         capability = parts[4] if len(parts) == 5 else ""
@@ -444,7 +446,7 @@ class Broker:
         if lane.pack_id != pack_id:
             raise errors.Denied("request did not come from this Pack's account")
 
-    async def _decide_and_run(self, msg: Msg, lane: PackLane, rec: RequestRecord) -> bytes:
+    async def _decide_and_run(self, msg: WireMsg, lane: PackLane, rec: RequestRecord) -> bytes:
         """decode → decide → validate args → authorize → decision event → handler → outcome → reply."""
         assert self._policy is not None
         req = self._decode(msg, rec)
@@ -510,7 +512,7 @@ class Broker:
             self._outcome_later(rec, exc, context.audit)  # a failed continuation is on record
         return reply
 
-    def _decode(self, msg: Msg, rec: RequestRecord) -> Any:
+    def _decode(self, msg: WireMsg, rec: RequestRecord) -> Any:
         if len(msg.data) > self.cfg.limits.max_payload:
             raise errors.TooLarge("request is larger than the payload limit")
         try:

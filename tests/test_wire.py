@@ -260,3 +260,16 @@ async def test_a_server_that_stops_answering_pings_is_left(
                 await asyncio.sleep(0.05)
     finally:
         await conn.close()
+
+
+async def test_flush_now_writes_at_once(ws: Workspace, nats_server: object) -> None:
+    # The audit writer's batch leaves when it is published, not after the rest of the loop's turn.
+    conn = await wire_connect(ws, "broker", name="test-wire")
+    try:
+        conn.publish_nowait("rumi.audit.default.env_read", b"{}")
+        assert conn._out and conn._flush_handle is not None  # queued for the end of this turn
+        conn.flush_now()
+        assert not conn._out and conn._flush_handle is None
+        await conn.flush()  # and the server took it: a PING after it is answered
+    finally:
+        await conn.close()

@@ -504,6 +504,9 @@ class AuditWriter:
             await self._send(
                 _Waiter(subject, payload, self.stored_msg_id(msg_id, event), event, caller, deadline)
             )
+        flush_now = getattr(self._nc, "flush_now", None)
+        if flush_now is not None:
+            flush_now()  # the batch leaves now, not after everything else this turn of the loop runs
 
     async def _send(self, waiter: _Waiter) -> None:
         self._next += 1

@@ -463,6 +463,12 @@ class WireConnection(asyncio.Protocol):
         except TimeoutError:
             raise WireError(f"the NATS server did not answer a PING within {timeout:g} s") from None
 
+    def flush_now(self) -> None:
+        """Write what is queued at once instead of at the end of this turn of the event loop."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+
     def _write(self, data: bytes) -> None:
         self._out.append(data)
         if self._flush_handle is None:

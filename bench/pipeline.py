@@ -772,6 +772,7 @@ def audit_census(
     detail: dict[str, Counter[str]] = defaultdict(Counter)  # kind -> "phase decision/code" -> events
     covered: Counter[str] = Counter()  # kind -> events weighted by `count` (an aggregate stands for N)
     unattributed: Counter[str] = Counter()
+    unattributed_weighted: Counter[str] = Counter()  # the same, weighted by `count`
     for event in events:
         rid = str(event.get("request_id", ""))
         phase = str(event.get("phase") or "-")
@@ -781,7 +782,12 @@ def audit_census(
             count = event.get("count")
             covered[ids[rid]] += count if isinstance(count, int) and count > 0 else 1
         else:
-            unattributed[f"{event.get('capability', '?')}/{phase}/{event.get('code', '?')}"] += 1
+            # e.g. a checkpoint, or an aggregate whose first refusal came before the window began
+            # (it still counts the refusals of the window folded into it)
+            key = f"{event.get('capability', '?')}/{phase}/{event.get('code', '?')}"
+            unattributed[key] += 1
+            count = event.get("count")
+            unattributed_weighted[key] += count if isinstance(count, int) and count > 0 else 1
     kinds: dict[str, Any] = {}
     for kind in kinds_sent:
         rids = [rid for rid, k in ids.items() if k == kind]
@@ -811,6 +817,7 @@ def audit_census(
         "kinds": kinds,
         "unattributed": dict(unattributed.most_common(10)),
         "unattributed_total": sum(unattributed.values()),
+        "unattributed_count_weighted": dict(unattributed_weighted.most_common(10)),
     }
 
 
@@ -1016,6 +1023,7 @@ def print_sustain(s: dict[str, Any]) -> None:
     print(
         f"  events read from the stream window: {audit['events_read']};"
         f" not matching a sustain request: {audit['unattributed_total']} {audit['unattributed'] or ''}"
+        f" (weighted by count: {audit.get('unattributed_count_weighted') or '-'})"
     )
     v = s["verify"]
     first = v["output"].splitlines()[0] if v["output"] else ""

@@ -19,6 +19,7 @@ CATEGORIES = (
     (("asyncio/", "selectors.py"), "asyncio (event loop, tasks, futures, transports)"),
     (("anyio/",), "anyio"),
     (("nats/",), "nats-py"),
+    (("broker/bus/wire",), "broker: its NATS client (broker/bus/wire.py)"),
     (("broker/audit",), "broker: audit"),
     (("broker/backends", "broker/core/protected"), "broker: file back-end + protected check"),
     (("broker/", "pack_runtime", "handlers/"), "broker: the rest"),

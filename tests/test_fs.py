@@ -316,6 +316,7 @@ def test_read_of_a_file_in_a_subdirectory_and_in_the_grant_root(tree: dict[str, 
         read_beneath(context, f"{tree['grant']}/top", 100)
     assert len(os.listdir("/proc/self/fd")) == before  # no descriptor leaked
 
+
 # --- races -----------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,8 @@ import json
 import os
 import secrets
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,22 @@ from broker.bus.wire import WireConnection, WireError, WireMsg, parse_headers
 from broker.core.errors import NatsSetupError
 from broker.core.net import free_port
 from broker.core.workspace import Workspace
-from tests.conftest import connected_pack
 
 pytestmark = pytest.mark.anyio
 
 SUBJECT = "rumi.pack.default.req.env_read"
+
+
+@asynccontextmanager
+async def pack_connection(ws: Workspace) -> AsyncIterator[Any]:
+    """A nats-py connection with Pack `default`'s own credentials (its requests come through its import)."""
+    import nats
+
+    nc = await nats.connect(nats_url(ws), nkeys_seed=str(pack_identity(ws, "default").seed_path))
+    try:
+        yield nc
+    finally:
+        await nc.close()
 
 
 async def _served(conn: WireConnection, seen: list[WireMsg], answer: bytes = b"pong") -> Any:
@@ -40,12 +53,8 @@ async def test_request_reply_with_the_server_stamped_account(ws: Workspace, nats
     try:
         seen: list[WireMsg] = []
         await _served(conn, seen)
-        async with connected_pack(ws) as pack:
-            nc = await pack.connect()  # type: ignore[attr-defined]
-            try:
-                reply = await nc.request(SUBJECT, b"hello", timeout=5)
-            finally:
-                await nc.close()
+        async with pack_connection(ws) as nc:
+            reply = await nc.request(SUBJECT, b"hello", timeout=5)
         assert reply.data == b"pong:hello"
         (msg,) = seen
         assert msg.subject == SUBJECT and msg.data == b"hello"
@@ -64,15 +73,11 @@ async def test_queued_messages_large_payloads_and_the_pending_limit(
     try:
         sub = await conn.subscribe("rumi.pack.default.req.*", queue="rumi-broker", pending_msgs_limit=3)
         big = secrets.token_bytes(900_000)  # arrives in many reads: joined once, intact
-        async with connected_pack(ws) as pack:
-            nc = await pack.connect()  # type: ignore[attr-defined]
-            try:
-                await nc.publish(SUBJECT, big)
-                for i in range(5):
-                    await nc.publish(SUBJECT, str(i).encode())
-                await nc.flush()
-            finally:
-                await nc.close()
+        async with pack_connection(ws) as nc:
+            await nc.publish(SUBJECT, big)
+            for i in range(5):
+                await nc.publish(SUBJECT, str(i).encode())
+            await nc.flush()
         got: list[bytes] = []
         async with asyncio.timeout(5):
             async for msg in sub.messages:
@@ -90,6 +95,16 @@ async def test_wrong_credentials_fail_in_one_line(ws: Workspace, nats_server: ob
     stranger.write_bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
     with pytest.raises(WireError, match="rejected the credentials"):
         await WireConnection.open(nats_url(ws), stranger, name="stranger", connect_timeout=5)
+
+
+async def test_an_unusable_seed_file_fails_in_one_line(
+    ws: Workspace, nats_server: object, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage.nk"
+    garbage.write_bytes(b"SUAnot-a-seed")
+    with pytest.raises(WireError, match=r"cannot use the seed file .*garbage\.nk") as info:
+        await WireConnection.open(nats_url(ws), garbage, name="garbage", connect_timeout=5)
+    assert "not-a-seed" not in str(info.value)  # never the seed's content
 
 
 async def test_unreachable_server_is_a_setup_error(ws: Workspace) -> None:
@@ -122,12 +137,8 @@ async def test_header_values_cannot_inject_lines_and_size_is_capped(
             )
 
         await conn.subscribe("rumi.pack.default.req.*", queue="rumi-broker", cb=answer)
-        async with connected_pack(ws) as pack:
-            nc = await pack.connect()  # type: ignore[attr-defined]
-            try:
-                reply = await nc.request(SUBJECT, b"", timeout=5)
-            finally:
-                await nc.close()
+        async with pack_connection(ws) as nc:
+            reply = await nc.request(SUBJECT, b"", timeout=5)
         assert reply.headers == {"Nats-Msg-Id": "aNats-Expected-Stream: OTHER"}  # one header: CR/LF dropped
         assert reply.data == b"body"
     finally:
@@ -150,12 +161,8 @@ async def test_reconnects_and_subscribes_again(ws: Workspace, nats_server: Embed
             while not conn.is_connected:
                 await asyncio.sleep(0.05)
         assert conn.reconnects == 1
-        async with connected_pack(ws) as pack:
-            nc = await pack.connect()  # type: ignore[attr-defined]
-            try:
-                reply = await nc.request(SUBJECT, b"again", timeout=5)
-            finally:
-                await nc.close()
+        async with pack_connection(ws) as nc:
+            reply = await nc.request(SUBJECT, b"again", timeout=5)
         assert reply.data == b"pong:again"
     finally:
         await conn.close()

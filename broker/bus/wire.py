@@ -303,8 +303,13 @@ class WireConnection(asyncio.Protocol):
         if self._seed_path is not None:
             import nkeys  # nats-py's own dependency
 
-            seed = bytearray(self._seed_path.read_bytes().strip())
-            kp = nkeys.from_seed(seed)
+            try:
+                seed = bytearray(self._seed_path.read_bytes().strip())
+                kp = nkeys.from_seed(seed)
+            except (OSError, ValueError, nkeys.NkeysError) as exc:
+                self.last_error = f"cannot use the seed file {self._seed_path}: {type(exc).__name__}"
+                self._drop()
+                return
             try:
                 options["nkey"] = kp.public_key.decode()
                 if "nonce" in info:

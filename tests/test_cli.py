@@ -27,10 +27,10 @@ from broker.admin.init import init_workspace
 from broker.core import errors
 from broker.core.net import free_port
 from broker.core.workspace import Workspace
+from tests._cli import RUMI
 
 REPO = Path(__file__).resolve().parents[1]
 # What the `rumi` console script does: `from broker.cli import main; main()` with argv[0] = "rumi".
-RUMI = [sys.executable, "-c", "import sys; sys.argv[0] = 'rumi'; from broker.cli import main; main()"]
 
 
 def rumi(

@@ -29,10 +29,10 @@ import pytest
 
 from broker.admin.dev import DEV_ENVS, SDK_DIR, prepare_local_pack
 from broker.core.workspace import Workspace
+from tests._cli import RUMI
 from tests.conftest import say
 
 REPO = Path(__file__).resolve().parents[1]
-RUMI = [sys.executable, "-c", "import sys; sys.argv[0] = 'rumi'; from broker.cli import main; main()"]
 
 PROBE = "rumidevprobe"  # the Pack's requirement: in no index, only in the test's wheel directory
 

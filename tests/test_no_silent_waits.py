@@ -18,7 +18,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,13 +31,13 @@ from broker.admin.calls import call_tool
 from broker.core.errors import Unavailable
 from broker.core.workspace import Workspace
 from pack_runtime import BrokerError, Pack
+from tests._cli import RUMI
 
 from ._deploy import small_packs
 from .conftest import connected_pack, running_broker, say
 from .test_readiness import PackInThread
 
 REPO = Path(__file__).resolve().parents[1]
-RUMI = [sys.executable, "-c", "import sys; sys.argv[0] = 'rumi'; from broker.cli import main; main()"]
 BIG = 10 * 1024 * 1024
 
 

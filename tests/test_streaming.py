@@ -14,7 +14,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import threading
 import time
 import typing
@@ -31,10 +30,10 @@ from broker.core.errors import RumiError
 from broker.core.workspace import Workspace
 from pack_runtime import Context, Pack
 from pack_runtime._pack import StreamLimits, pull_subject
+from tests._cli import RUMI
 from tests.conftest import connected_pack
 
 REPO = Path(__file__).resolve().parents[1]
-RUMI = [sys.executable, "-c", "import sys; sys.argv[0] = 'rumi'; from broker.cli import main; main()"]
 
 STREAMER = '''
 import anyio

@@ -240,7 +240,11 @@ class Broker:
         self._nc = nc
         self._max_reply = int(getattr(nc, "max_payload", 0) or 1024 * 1024)
         # The audit writer's publishes and acks go over a lean connection of their own (broker.bus.wire).
-        audit_conn = await wire_connect(self.ws, "broker", name="rumi-broker-audit")
+        try:
+            audit_conn = await wire_connect(self.ws, "broker", name="rumi-broker-audit")
+        except BaseException:
+            await nc.close()
+            raise
         self._audit = MeasuredAuditWriter(audit_conn, checkpoints.chain, metrics=self.metrics)
         self._aggregator = RefusalAggregator(self._audit)
         try:

@@ -108,9 +108,7 @@ async def call_all(ws: Workspace, ids: Sequence[str], timeout: float) -> float:
             attempt = 0
             while True:
                 attempt += 1
-                payload = ENCODER.encode(
-                    CallRequest(v=PROTOCOL_VERSION, id=f"b{attempt}", args={"n": attempt})
-                )
+                payload = ENCODER.encode(CallRequest(v=PROTOCOL_VERSION, id=f"b{attempt}", args={"n": attempt}))
                 try:
                     msg = await nc.request(call_subject(pack_id, "tool", "echo"), payload, timeout=2)
                     reply = REPLY_DECODER.decode(msg.data)
@@ -242,15 +240,10 @@ def measure_cold_start(ws: Workspace, prefix: str, runs: int, out: Callable[[str
 def measure_up(
     ws: Workspace, prefix: str, ids: Sequence[str], out: Callable[[str], None], timeout: float
 ) -> dict[str, Any]:
-    seconds, output = rumi(
-        ws.root, prefix, "up", *ids, "--no-build", "--timeout", str(timeout), timeout=timeout + 60
-    )
+    seconds, output = rumi(ws.root, prefix, "up", *ids, "--no-build", "--timeout", str(timeout), timeout=timeout + 60)
     answered = asyncio.run(call_all(ws, ids, 60))
     lines = output.splitlines()
-    out(
-        "   output (first and last lines):\n"
-        + "\n".join("     " + ln for ln in [*lines[:6], "…", *lines[-4:]])
-    )
+    out("   output (first and last lines):\n" + "\n".join("     " + ln for ln in [*lines[:6], "…", *lines[-4:]]))
     return {"up": seconds, "answering": seconds + answered}
 
 
@@ -323,9 +316,7 @@ def main() -> None:
                 results["many"] = measure_up(ws, a.prefix, all_ids[:many], say, timeout=240)
                 mem_many, nats_many = pack_memory(runtime)
                 results["many_mem"], results["many_nats"] = mem_many, nats_many
-                say(
-                    f"   up {results['many']['up']:.1f} s, all answering {results['many']['answering']:.1f} s"
-                )
+                say(f"   up {results['many']['up']:.1f} s, all answering {results['many']['answering']:.1f} s")
                 time.sleep(a.settle)
                 results["many_cpu_idle"], results["many_rumi_idle"] = cpu_both(runtime, a.idle)
         finally:
@@ -352,9 +343,7 @@ def report(r: dict[str, Any], packs: int, many: int, a: argparse.Namespace) -> N
     say(f"   the CLI process alone: {pct(cold['cli_up'])}")
     say(f"cold start, DockerRuntime.up([PACK]) in process → call answered: {pct(cold['inproc'])}")
     say(f"   container create → SDK 'ready': {pct(cold['ready'])}")
-    say(
-        f"rumi up of {packs} Packs from nothing: {r['up']['up']:.1f} s; all answering after {r['up']['answering']:.1f} s"
-    )
+    say(f"rumi up of {packs} Packs from nothing: {r['up']['up']:.1f} s; all answering after {r['up']['answering']:.1f} s")
     say(
         f"host CPU, {packs} idle Packs up: {r['cpu_idle']:.2f} % of one core over {a.idle:g} s, "
         f"{r['cpu_idle_60']:.2f} % over 60 s (before anything ran: {r['cpu_before']:.2f} %); used by "

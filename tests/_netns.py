@@ -72,9 +72,7 @@ def netns_unavailable() -> str | None:
     try:
         probe = subprocess.run(
             ["unshare", "--net", "--", "ip", "link", "set", "lo", "up"],
-            capture_output=True,
-            text=True,
-            timeout=20,
+            capture_output=True, text=True, timeout=20,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"`unshare --net` failed: {exc}"
@@ -103,19 +101,9 @@ def run_in_netns(script: str | Path, function: str, payload: Any = None, *, time
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
         cmd = [
-            "unshare",
-            "--net",
-            "--",
-            sys.executable,
-            "-c",
-            _BOOTSTRAP,
-            str(script),
-            function,
-            str(payload_path),
-            str(result_path),
-            PUBLIC_TEST_ADDRESS,
-            str(TESTS),
-            str(REPO),
+            "unshare", "--net", "--", sys.executable, "-c", _BOOTSTRAP,
+            str(script), function, str(payload_path), str(result_path), PUBLIC_TEST_ADDRESS,
+            str(TESTS), str(REPO),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0 or not result_path.exists():
@@ -126,7 +114,6 @@ def run_in_netns(script: str | Path, function: str, payload: Any = None, *, time
 
 
 # --- test PKI -------------------------------------------------------------------------------------
-
 
 def make_pki(directory: Path, dns_names: Sequence[str], ip_addresses: Sequence[str]) -> dict[str, str]:
     """A test CA and one server certificate for the names/IPs; paths of ca, cert and key (PEM)."""
@@ -152,28 +139,14 @@ def _make_pki_cryptography(paths: dict[str, str], dns_names: Sequence[str], ips:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rumi test CA")])
     ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+            decipher_only=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -183,31 +156,24 @@ def _make_pki_cryptography(paths: dict[str, str], dns_names: Sequence[str], ips:
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (list(dns_names) or ["test"])[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     Path(paths["ca"]).write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     Path(paths["cert"]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    Path(paths["key"]).write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    Path(paths["key"]).write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
 
 
-def _make_pki_openssl(
-    directory: Path, paths: dict[str, str], dns_names: Sequence[str], ips: Sequence[str]
-) -> None:
+def _make_pki_openssl(directory: Path, paths: dict[str, str], dns_names: Sequence[str],
+                      ips: Sequence[str]) -> None:
     san = ",".join([f"DNS:{n}" for n in dns_names] + [f"IP:{i}" for i in ips])
     ext = directory / "leaf.ext"
     ext.write_text(f"subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n")
@@ -216,62 +182,16 @@ def _make_pki_openssl(
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=rumi test CA",
-        "-keyout",
-        str(ca_key),
-        "-out",
-        paths["ca"],
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    )
-    run(
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-subj",
-        f"/CN={(list(dns_names) or ['test'])[0]}",
-        "-keyout",
-        paths["key"],
-        "-out",
-        str(csr),
-    )
-    run(
-        "x509",
-        "-req",
-        "-in",
-        str(csr),
-        "-CA",
-        paths["ca"],
-        "-CAkey",
-        str(ca_key),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        str(ext),
-        "-out",
-        paths["cert"],
-    )
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-subj", "/CN=rumi test CA", "-keyout", str(ca_key), "-out", paths["ca"],
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-subj", f"/CN={(list(dns_names) or ['test'])[0]}", "-keyout", paths["key"], "-out", str(csr))
+    run("x509", "-req", "-in", str(csr), "-CA", paths["ca"], "-CAkey", str(ca_key), "-CAcreateserial",
+        "-days", "2", "-extfile", str(ext), "-out", paths["cert"])
 
 
 # --- test HTTP(S) server --------------------------------------------------------------------------
-
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -286,9 +206,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _reply(
-        self, status: int, body: bytes, headers: Sequence[tuple[str, str]] = (), chunked: bool = False
-    ) -> None:
+    def _reply(self, status: int, body: bytes, headers: Sequence[tuple[str, str]] = (),
+               chunked: bool = False) -> None:
         self.send_response(status)
         for k, v in headers:
             self.send_header(k, v)
@@ -302,7 +221,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if chunked:
             for i in range(0, len(body), 4096):
-                part = body[i : i + 4096]
+                part = body[i:i + 4096]
                 self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
         else:
@@ -313,24 +232,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         parts = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
-        self.server.owner.requests.append(
-            {
-                "method": self.command,
-                "path": self.path,
-                "headers": [[k, v] for k, v in self.headers.items()],
-                "body": body.decode("latin-1"),
-            }
-        )
+        self.server.owner.requests.append({
+            "method": self.command, "path": self.path,
+            "headers": [[k, v] for k, v in self.headers.items()], "body": body.decode("latin-1"),
+        })
         route = parts.path
         if route == "/ok":
             cookies = [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
             self._reply(200, b"hello", [("Content-Type", "text/plain"), *cookies])
         elif route == "/echo":
-            echo = {
-                "method": self.command,
-                "headers": [[k, v] for k, v in self.headers.items()],
-                "body": body.decode("latin-1"),
-            }
+            echo = {"method": self.command, "headers": [[k, v] for k, v in self.headers.items()],
+                    "body": body.decode("latin-1")}
             self._reply(200, json.dumps(echo).encode(), [("Content-Type", "application/json")])
         elif route == "/redirect":
             self._reply(int(query.get("status", "302")), b"", [("Location", query["to"])])
@@ -387,9 +299,8 @@ class TestServer:
         self._server.server_activate()
         self.host = host
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
         self._thread.start()
 
     def url(self, path: str = "/ok", *, host: str | None = None) -> str:
@@ -436,15 +347,11 @@ class Listener:
 
 # --- resolver and handler -------------------------------------------------------------------------
 
-
 class ScriptedResolver:
     """A resolver the test controls: `answers[name]` is a list of answers, one per call (last repeats)."""
 
-    def __init__(
-        self,
-        answers: dict[str, list[list[str]]] | None = None,
-        fallback: Callable[[str], list[str]] | None = None,
-    ) -> None:
+    def __init__(self, answers: dict[str, list[list[str]]] | None = None,
+                 fallback: Callable[[str], list[str]] | None = None) -> None:
         self.answers = answers or {}
         self.fallback = fallback
         self.calls: list[str] = []
@@ -473,29 +380,18 @@ def scope_defaults() -> dict[str, Any]:
     return dict(json.loads(SCOPE_FILE.read_text())["default_config"])
 
 
-async def call_network(
-    grant: dict[str, Any],
-    args: dict[str, Any],
-    *,
-    resolver: Any = None,
-    verify: Any = None,
-    broker_timeout: float = 30,
-) -> dict[str, Any]:
+async def call_network(grant: dict[str, Any], args: dict[str, Any], *, resolver: Any = None,
+                       verify: Any = None, broker_timeout: float = 30) -> dict[str, Any]:
     """Run the handler with a hand-built context; a JSON-able outcome (bodies as latin-1 text)."""
     from broker.core.errors import RequestError
 
     handler = load_network_handler()
     audit: dict[str, Any] = {}
     context = {
-        "pack_id": "p",
-        "component_id": "p:tool:t",
-        "request_id": "r-1",
+        "pack_id": "p", "component_id": "p:tool:t", "request_id": "r-1",
         "grant": {**scope_defaults(), "enabled": True, **grant},
-        "limits": {"timeout": broker_timeout},
-        "workspace_root": "/nonexistent",
-        "audit": audit,
-        "egress_resolver": resolver,
-        "egress_verify": verify,
+        "limits": {"timeout": broker_timeout}, "workspace_root": "/nonexistent", "audit": audit,
+        "egress_resolver": resolver, "egress_verify": verify,
     }
     try:
         result = handler.execute(context, args)
@@ -504,10 +400,5 @@ async def call_network(
     except RequestError as exc:
         return {"ok": False, "code": exc.code, "message": exc.message, "audit": audit}
     data = result["data"]
-    return {
-        "ok": True,
-        "status": data["status"],
-        "headers": data["headers"],
-        "body": data["body"].decode("latin-1"),
-        "audit": audit,
-    }
+    return {"ok": True, "status": data["status"], "headers": data["headers"],
+            "body": data["body"].decode("latin-1"), "audit": audit}

@@ -691,9 +691,7 @@ _SCALARS = st.one_of(
 def test_canonical_json_is_exactly_the_documented_json_dumps(event: dict[str, Any]) -> None:
     """The writer's fast encoder (msgspec) must produce the very bytes the hash is defined over."""
     try:
-        expected = json.dumps(
-            event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        expected = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         want: bytes | type[Exception] = expected.encode("utf-8")
     except (ValueError, TypeError) as exc:  # e.g. lone surrogates cannot be encoded: both must refuse
         want = type(exc)

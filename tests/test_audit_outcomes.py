@@ -16,9 +16,7 @@ from broker.core.workspace import Workspace
 from .conftest import connected_pack, running_broker
 
 
-def event(
-    chain: AuditChain, rid: str, phase: str, *, age: float, decision: str = "allow", **extra: Any
-) -> dict[str, Any]:
+def event(chain: AuditChain, rid: str, phase: str, *, age: float, decision: str = "allow", **extra: Any) -> dict[str, Any]:
     ts = utc_timestamp(datetime.now(UTC) - timedelta(seconds=age))
     fields = audit_fields(
         request_id=rid, pack_id="p", component_id="p:tool:t", capability="file_write", target="/x",
@@ -45,10 +43,7 @@ def test_decisions_without_an_outcome_are_reported_once_old_enough() -> None:
     report = verify_events(events)
     assert report.ok
     missing = report.missing_outcomes(older_than=35)
-    assert [(rid, chain_id == chain.chain_id) for chain_id, rid, _ in missing] == [
-        ("lost", True),
-        ("again", True),
-    ]
+    assert [(rid, chain_id == chain.chain_id) for chain_id, rid, _ in missing] == [("lost", True), ("again", True)]
     assert [rid for _, rid, _ in report.missing_outcomes(older_than=0)] == ["lost", "again", "fresh"]
 
 

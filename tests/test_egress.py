@@ -82,41 +82,12 @@ ENTRY_TABLE: list[tuple[str, Any]] = [
 ]
 
 BAD_ENTRIES = [
-    "",
-    "   ",
-    "a.*.com",
-    "*example.com",
-    "**.example.com",
-    "*.",
-    "example.com:0",
-    "example.com:65536",
-    "example.com:+443",
-    "example.com:",
-    "example.com:443:80",
-    ":443",
-    "[1.2.3.4]:80",
-    "[::1]x",
-    "[::1",
-    "[::1]:",
-    "fd00::/8:443",
-    "a:b:c",
-    "example.com:\uff14\uff14\uff13",
-    "https://example.com",
-    "example.com/path",
-    "10.0.0.0/33",
-    "0x7f.1",
-    "2130706433",
-    "127.1",
-    "1.2.3",
-    "example.0x10",
-    "exa mple.com",
-    "-example.com",
-    "example-.com",
-    "a..b",
-    ".example.com",
-    "fe80::1%eth0",
-    "x" * 64 + ".com",
-    "*.*.example.com",
+    "", "   ", "a.*.com", "*example.com", "**.example.com", "*.", "example.com:0", "example.com:65536",
+    "example.com:+443", "example.com:", "example.com:443:80", ":443", "[1.2.3.4]:80", "[::1]x", "[::1",
+    "[::1]:", "fd00::/8:443", "a:b:c", "example.com:\uff14\uff14\uff13",
+    "https://example.com", "example.com/path", "10.0.0.0/33", "0x7f.1", "2130706433", "127.1", "1.2.3",
+    "example.0x10", "exa mple.com", "-example.com", "example-.com", "a..b", ".example.com", "fe80::1%eth0",
+    "x" * 64 + ".com", "*.*.example.com",
 ]
 
 
@@ -212,17 +183,11 @@ def test_grant_matching(entries: list[str], url: str, allowed: bool) -> None:
             policy.check_destination(dest)
 
 
-@pytest.mark.parametrize(
-    ("url", "port", "allowed"),
-    [
-        ("http://example.com/", 80, True),
-        ("http://example.com:80/", 80, True),
-        ("https://example.com/", 80, False),
-        ("https://example.com/", 443, True),
-        ("http://example.com:8080/", 80, False),
-        ("http://example.com:8080/", 8080, True),
-    ],
-)
+@pytest.mark.parametrize(("url", "port", "allowed"), [
+    ("http://example.com/", 80, True), ("http://example.com:80/", 80, True),
+    ("https://example.com/", 80, False), ("https://example.com/", 443, True),
+    ("http://example.com:8080/", 80, False), ("http://example.com:8080/", 8080, True),
+])
 def test_ports_must_be_granted_explicitly(url: str, port: int, allowed: bool) -> None:
     policy = EgressPolicy.from_grant(["example.com"], [port])
     if allowed:
@@ -321,9 +286,7 @@ def test_a_resolved_address_needs_an_entry_for_the_requested_port() -> None:
         other_port.check_addresses(dest, [ip("10.1.2.3")])
     same_port = EgressPolicy.from_grant(["db.internal:5432", "10.1.2.3:5432"], [])
     assert same_port.check_addresses(dest, [ip("10.1.2.3")]) == (ip("10.1.2.3"),)
-    assert same_port.covers_address(ip("10.1.2.3"), 5432) and not same_port.covers_address(
-        ip("10.1.2.3"), 443
-    )
+    assert same_port.covers_address(ip("10.1.2.3"), 5432) and not same_port.covers_address(ip("10.1.2.3"), 443)
 
 
 # --- URL parsing ----------------------------------------------------------------------------------
@@ -398,70 +361,29 @@ def test_suspicious_urls_are_refused(url: str, error: type[RequestError]) -> Non
 # --- address classification -----------------------------------------------------------------------
 
 REFUSED = [
-    ("127.0.0.1", "loopback"),
-    ("127.255.255.254", "loopback"),
-    ("0.0.0.0", "unspecified"),
-    ("10.1.2.3", "private"),
-    ("172.16.0.1", "private"),
-    ("172.31.255.255", "private"),
+    ("127.0.0.1", "loopback"), ("127.255.255.254", "loopback"), ("0.0.0.0", "unspecified"),
+    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("172.31.255.255", "private"),
     ("192.168.1.1", "private"),
-    ("169.254.1.1", "link-local"),
-    ("169.254.169.254", "metadata"),
-    ("169.254.170.2", "metadata"),
-    ("100.100.100.200", "metadata"),
-    ("192.0.0.192", "metadata"),
-    ("168.63.129.16", "Azure"),
-    ("100.64.0.1", "CGNAT"),
-    ("100.127.255.255", "CGNAT"),
-    ("224.0.0.1", "multicast"),
+    ("169.254.1.1", "link-local"), ("169.254.169.254", "metadata"), ("169.254.170.2", "metadata"),
+    ("100.100.100.200", "metadata"), ("192.0.0.192", "metadata"), ("168.63.129.16", "Azure"),
+    ("100.64.0.1", "CGNAT"), ("100.127.255.255", "CGNAT"), ("224.0.0.1", "multicast"),
     ("239.1.1.1", "multicast"),
-    ("240.0.0.1", "reserved"),
-    ("255.255.255.255", "reserved"),
-    ("198.18.0.1", "benchmarking"),
-    ("192.0.2.1", "documentation"),
-    ("198.51.100.1", "documentation"),
-    ("203.0.113.10", "documentation"),
-    ("192.88.99.1", "6to4"),
-    ("192.0.0.8", "IETF"),
-    ("::1", "loopback"),
-    ("::", "unspecified"),
-    ("fe80::1", "link-local"),
-    ("fd00::1", "unique local"),
-    ("fc00::1", "unique local"),
-    ("fec0::1", "site-local"),
-    ("ff02::1", "multicast"),
-    ("fd00:ec2::254", "metadata"),
-    ("::ffff:127.0.0.1", "loopback"),
-    ("::ffff:169.254.169.254", "metadata"),
-    ("::7f00:1", "IPv4-compatible"),
-    ("64:ff9b::7f00:1", "NAT64 of 127.0.0.1"),
-    ("64:ff9b::a9fe:a9fe", "NAT64 of 169.254.169.254"),
-    ("64:ff9b:1::1", "local-use NAT64"),
-    ("2002:7f00:1::1", "6to4 of 127.0.0.1"),
-    ("2002:a9fe:a9fe::", "6to4 of 169.254.169.254"),
-    ("2001::1", "Teredo"),
-    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
+    ("240.0.0.1", "reserved"), ("255.255.255.255", "reserved"), ("198.18.0.1", "benchmarking"),
+    ("192.0.2.1", "documentation"), ("198.51.100.1", "documentation"), ("203.0.113.10", "documentation"),
+    ("192.88.99.1", "6to4"), ("192.0.0.8", "IETF"),
+    ("::1", "loopback"), ("::", "unspecified"), ("fe80::1", "link-local"), ("fd00::1", "unique local"),
+    ("fc00::1", "unique local"), ("fec0::1", "site-local"), ("ff02::1", "multicast"),
+    ("fd00:ec2::254", "metadata"), ("::ffff:127.0.0.1", "loopback"), ("::ffff:169.254.169.254", "metadata"),
+    ("::7f00:1", "IPv4-compatible"), ("64:ff9b::7f00:1", "NAT64 of 127.0.0.1"),
+    ("64:ff9b::a9fe:a9fe", "NAT64 of 169.254.169.254"), ("64:ff9b:1::1", "local-use NAT64"),
+    ("2002:7f00:1::1", "6to4 of 127.0.0.1"), ("2002:a9fe:a9fe::", "6to4 of 169.254.169.254"),
+    ("2001::1", "Teredo"), ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
     ("2001:db8::1", "documentation"),
-    ("3fff::1", "documentation"),
-    ("100::1", "discard"),
-    ("5f00::1", "SRv6"),
-    ("4000::1", "reserved"),
+    ("3fff::1", "documentation"), ("100::1", "discard"), ("5f00::1", "SRv6"), ("4000::1", "reserved"),
     ("::2", "IPv4-compatible"),
 ]
-PUBLIC = [
-    "1.1.1.1",
-    "8.8.8.8",
-    "93.184.216.34",
-    "1.2.3.4",
-    "2606:4700:4700::1111",
-    "2a00:1450:4001::1",
-    "64:ff9b::808:808",
-    "2002:808:808::1",
-    "::ffff:1.1.1.1",
-    "172.32.0.1",
-    "100.128.0.1",
-    "192.169.0.1",
-]
+PUBLIC = ["1.1.1.1", "8.8.8.8", "93.184.216.34", "1.2.3.4", "2606:4700:4700::1111", "2a00:1450:4001::1",
+          "64:ff9b::808:808", "2002:808:808::1", "::ffff:1.1.1.1", "172.32.0.1", "100.128.0.1", "192.169.0.1"]
 
 
 @pytest.mark.parametrize(("address", "why"), REFUSED)
@@ -504,7 +426,6 @@ def test_address_check_after_resolution() -> None:
 
 # --- the pinned backend ---------------------------------------------------------------------------
 
-
 @pytest.mark.anyio
 async def test_pinned_backend_refuses_unvetted_origins() -> None:
     listener = Listener("127.0.0.1")
@@ -524,7 +445,6 @@ async def test_pinned_backend_refuses_unvetted_origins() -> None:
 
 
 # --- corpus ---------------------------------------------------------------------------------------
-
 
 def _corpus_variants(line: str) -> set[str]:
     """A payload as written, URL-decoded (once and twice), and with backslashes as slashes."""
@@ -572,10 +492,7 @@ def test_ssrf_corpus_is_refused_even_with_everything_granted() -> None:
     out = run_in_netns(HERE, "scenario_corpus", {"urls": urls}, timeout=300)
     assert out["succeeded"] == []
     assert out["connections"] == 0
-    unexpected = {
-        code: urls
-        for code, urls in out["outcomes"].items()
-        if code not in ("permission_denied", "invalid_request")
-    }
+    unexpected = {code: urls for code, urls in out["outcomes"].items()
+                  if code not in ("permission_denied", "invalid_request")}
     assert unexpected == {}, unexpected
     assert sum(len(v) for v in out["outcomes"].values()) == len(urls) >= 800

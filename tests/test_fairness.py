@@ -114,16 +114,7 @@ class BrokerProcess:
     def __init__(self, ws: Workspace) -> None:
         self.log = ws.root / "broker-test.log"
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "broker.cli",
-                "broker",
-                "--root",
-                str(ws.root),
-                "--port",
-                str(free_port()),
-            ],
+            [sys.executable, "-m", "broker.cli", "broker", "--root", str(ws.root), "--port", str(free_port())],
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
         )
@@ -182,17 +173,13 @@ class PackCpuLimit:
 VICTIM_RATE = 100.0  # reads/s: under the victim's own token bucket (200/s), so its refusals are the flood's
 
 
-async def victim_reads(
-    ws: Workspace, *, count: int | None = None, until: float | None = None
-) -> dict[str, Any]:
+async def victim_reads(ws: Workspace, *, count: int | None = None, until: float | None = None) -> dict[str, Any]:
     """Sequential granted env_reads of the victim Pack, at most VICTIM_RATE a second: latencies (s), failures."""
     from broker.bus.creds import pack_identity
     from broker.bus.server import nats_url
     from pack_runtime import Pack
 
-    pack = Pack(
-        VICTIM, nats_url=nats_url(ws), creds=str(pack_identity(ws, VICTIM).seed_path), request_timeout=10
-    )
+    pack = Pack(VICTIM, nats_url=nats_url(ws), creds=str(pack_identity(ws, VICTIM).seed_path), request_timeout=10)
     nc = await pack.connect()
     latencies: list[float] = []
     failures: list[str] = []
@@ -231,9 +218,7 @@ async def events_by_pack(ws: Workspace) -> dict[str, int]:
         await nc.close()
 
 
-async def test_a_flooding_pack_does_not_reach_another_pack(
-    ws: Workspace, pytestconfig: pytest.Config
-) -> None:
+async def test_a_flooding_pack_does_not_reach_another_pack(ws: Workspace, pytestconfig: pytest.Config) -> None:
     from broker.bus.creds import pack_identity
     from broker.bus.server import nats_url
 

@@ -88,9 +88,7 @@ async def test_documented_example_is_allowed_with_a_grant_and_denied_without(
     assert allowed[1]["extra"] == {"chars": len("Hello, Ada!")}
     # Refused before anything was recorded as allowed: exactly one event, deny.
     refused = by_target[f"{TOOL} Mallory"]
-    assert [(e["phase"], e["decision"], e["code"]) for e in refused] == [
-        ("decision", "deny", "permission_denied")
-    ]
+    assert [(e["phase"], e["decision"], e["code"]) for e in refused] == [("decision", "deny", "permission_denied")]
     other = [e for e in events if e["component_id"] == OTHER]
     assert [(e["decision"], e["code"]) for e in other] == [("deny", "permission_denied")]
 

@@ -107,7 +107,6 @@ def test_write_tar_keeps_links_and_owners(tmp_path: Path) -> None:
 
 _engine = docker_engine
 
-
 @dataclass
 class Built:
     client: Any
@@ -117,7 +116,6 @@ class Built:
 
 
 _say = say
-
 
 @pytest.fixture(scope="module")
 def built(pytestconfig: pytest.Config) -> Iterator[Built]:
@@ -209,11 +207,7 @@ def test_python_base_has_the_cxx_runtime_manylinux_wheels_need(built: Built) -> 
     status, out = _run(built.client, built.tags["python"], ["python3", "-c", code, *wanted])
     assert status == 0 and out.strip() == f"loaded {len(wanted)}", out
     # Nothing else from the gcc packages: no gdb pretty-printers.
-    status, out = _run(
-        built.client,
-        built.tags["python"],
-        ["python3", "-c", "import os; print(os.path.exists('/usr/share/gcc'))"],
-    )
+    status, out = _run(built.client, built.tags["python"], ["python3", "-c", "import os; print(os.path.exists('/usr/share/gcc'))"])
     assert status == 0 and out.strip() == "False", out
 
 
@@ -370,10 +364,7 @@ def test_seed_python_image_is_used_when_present(built: Built) -> None:
         labels = client.images.get(tag).labels
         assert labels[LABEL_FLAVOR] == "seed" and labels[LABEL_LIBC].startswith("glibc 2.")
         # The seed's libraries come from a run of its Python: the same as the list made from the Debian rootfs.
-        assert (
-            labels[images.LABEL_LIBRARIES]
-            == client.images.get(built.tags["python"]).labels[images.LABEL_LIBRARIES]
-        )
+        assert labels[images.LABEL_LIBRARIES] == client.images.get(built.tags["python"]).labels[images.LABEL_LIBRARIES]
         assert "libstdc++.so.6" in images._probe_image(client, seed)[1]
         base = images.build_base_image(client, prefix, None, seed_image=seed)
         status, out = _run(

@@ -45,7 +45,7 @@ from .test_runtime import _engine, _say
 
 pytestmark = pytest.mark.docker
 
-OTHER_PACK = """
+OTHER_PACK = '''
 from pack_runtime import Pack
 
 pack = Pack()
@@ -58,7 +58,7 @@ async def echo(ctx, args):
 
 if __name__ == "__main__":
     pack.run()
-"""
+'''
 
 # Run inside a container: connect to each (host, port) at once; print {"host:port": outcome}.
 PROBE = r"""
@@ -190,9 +190,7 @@ def deployment(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFac
         report = rt.up(["default", "other"], build=False, with_broker=False, health_timeout=60)
         nets = rt.pack_networks()
         containers = {p: rt.container_for(p) for p in ("default", "other")}
-        yield Deployment(
-            client, ws, rt, nets, containers, {p.pack_id: p.seconds_to_healthy for p in report.packs}
-        )
+        yield Deployment(client, ws, rt, nets, containers, {p.pack_id: p.seconds_to_healthy for p in report.packs})
     except Exception:
         _say(pytestconfig, "\n".join(log[-30:]))
         raise
@@ -358,9 +356,7 @@ def _ip_of(container: Any, network: str) -> str:
 SENSITIVE = ("/", "/boot", "/dev", "/etc", "/lib", "/proc", "/sys", "/usr", "/var/run/docker.sock", "/run")
 
 
-def test_pack_container_passes_docker_bench_runtime_checks(
-    deployment: Deployment, pytestconfig: pytest.Config
-) -> None:
+def test_pack_container_passes_docker_bench_runtime_checks(deployment: Deployment, pytestconfig: pytest.Config) -> None:
     d = deployment
     c = d.containers["default"]
     c.reload()
@@ -436,9 +432,7 @@ def test_nats_container_is_hardened_and_bound_to_loopback(deployment: Deployment
         pid = a["State"]["Pid"]
         forward = subprocess.run(
             ["nsenter", f"--net=/proc/{pid}/ns/net", "cat", "/proc/sys/net/ipv4/ip_forward"],
-            capture_output=True,
-            text=True,
-            check=True,
+            capture_output=True, text=True, check=True,
         ).stdout.strip()
         assert forward == "0", "the NATS namespace must not route between Pack networks"
 
@@ -451,9 +445,8 @@ def test_guard_is_active_on_every_pack_bridge(deployment: Deployment) -> None:
         assert st.active and st.bridge_exists, st
     for net in d.nets.values():
         # No host address at all on a Pack bridge: neither IPv4 (inhibit_ipv4) nor IPv6 (the guard).
-        out = subprocess.run(
-            ["ip", "-j", "addr", "show", "dev", net.bridge], capture_output=True, text=True, check=True
-        ).stdout
+        out = subprocess.run(["ip", "-j", "addr", "show", "dev", net.bridge], capture_output=True, text=True,
+                             check=True).stdout
         assert json.loads(out)[0].get("addr_info", []) == []
 
 
@@ -480,30 +473,18 @@ def test_pack_reaches_nats_and_nothing_else(deployment: Deployment, pytestconfig
         time.sleep(0.3)
         trap.accepted.clear()
 
-        control_gw = str(
-            ipaddress.IPv4Network(
-                d.client.networks.get(d.rt.control_network_name).attrs["IPAM"]["Config"][0]["Subnet"]
-            )[1]
-        )
+        control_gw = str(ipaddress.IPv4Network(
+            d.client.networks.get(d.rt.control_network_name).attrs["IPAM"]["Config"][0]["Subnet"])[1])
         nats_control_ip = _ip_of(d.nats, d.rt.control_network_name)
-        host_targets = sorted(
-            {
-                *_host_addresses(),
-                "172.17.0.1",
-                str(ipaddress.IPv4Network(mine.subnet)[1]),
-                str(ipaddress.IPv4Network(theirs.subnet)[1]),
-                control_gw,
-            }
-        )
+        host_targets = sorted({*_host_addresses(), "172.17.0.1", str(ipaddress.IPv4Network(mine.subnet)[1]),
+                               str(ipaddress.IPv4Network(theirs.subnet)[1]), control_gw})
         targets = [[h, trap.port] for h in host_targets]
         targets += [[other_ip, 8080], [theirs.nats_ip, 4222], [nats_control_ip, 4222], [mine.nats_ip, 4222]]
         result = d.exec_py("default", PROBE, json.dumps(targets), "4")
         time.sleep(0.5)
     finally:
         trap.close()
-    assert result.pop(f"{mine.nats_ip}:4222") == "connected:INFO ", (
-        "NATS on the Pack's own network must answer"
-    )
+    assert result.pop(f"{mine.nats_ip}:4222") == "connected:INFO ", "NATS on the Pack's own network must answer"
     reached = {k: v for k, v in result.items() if v.startswith("connected")}
     assert reached == {}, f"a Pack reached {reached}"
     assert trap.accepted == [], f"the host listener saw {trap.accepted}"
@@ -534,18 +515,15 @@ def test_pack_default_route_leads_nowhere(deployment: Deployment) -> None:
     # Engines before 26 give a container on an internal network a default route via the gateway...
     defaults = [r for r in routes if r[1] == "0.0.0.0"]
     assert all(r[2] == str(subnet[1]) for r in defaults)
-    assert sorted(r for r in routes if r[1] != "0.0.0.0") == [
-        ("eth0", str(subnet.network_address), "0.0.0.0", str(subnet.netmask))
-    ]
+    assert sorted(r for r in routes if r[1] != "0.0.0.0") == [("eth0", str(subnet.network_address), "0.0.0.0",
+                                                                  str(subnet.netmask))]
     # ...and Rumi makes sure nothing holds that gateway: not the host, not NATS.
     assert str(subnet[1]) not in _host_addresses()
     nats_ips = {v["IPAddress"] for v in d.nats.attrs["NetworkSettings"]["Networks"].values()}
     assert str(subnet[1]) not in nats_ips
 
 
-def test_pack_dns_answers_nothing_and_sends_nothing(
-    deployment: Deployment, pytestconfig: pytest.Config
-) -> None:
+def test_pack_dns_answers_nothing_and_sends_nothing(deployment: Deployment, pytestconfig: pytest.Config) -> None:
     d = deployment
     names = ["rumi-isolation-probe.invalid"]
     try:
@@ -563,12 +541,8 @@ def test_pack_dns_answers_nothing_and_sends_nothing(
         control_sniffer = Sniffer(control.veth)
         try:
             answers = d.exec_py("default", RESOLVE, *names)
-            control_answers = json.loads(
-                control.container.exec_run(["python3", "-c", RESOLVE, *names])
-                .output.decode()
-                .strip()
-                .splitlines()[-1]
-            )
+            control_answers = json.loads(control.container.exec_run(["python3", "-c", RESOLVE, *names])
+                                         .output.decode().strip().splitlines()[-1])
             time.sleep(1.5)  # the resolver's retries and late ARP give up within this
         finally:
             pack_sniffer.close()
@@ -628,16 +602,9 @@ def _dns_control(d: Deployment) -> _Control:
     gateway = str(ipaddress.IPv4Network(net.attrs["IPAM"]["Config"][0]["Subnet"])[1])
     image = d.containers["default"].attrs["Config"]["Image"]
     container = d.client.containers.run(
-        image,
-        ["python3", "-c", "import time; time.sleep(120)"],
-        detach=True,
-        network=net.name,
-        dns=[gateway],
-        dns_opt=["timeout:1", "attempts:1"],
-        labels=labels(d.rt.tag, "test-control"),
-        read_only=True,
-        cap_drop=["ALL"],
-        user="20001:20001",
+        image, ["python3", "-c", "import time; time.sleep(120)"], detach=True, network=net.name,
+        dns=[gateway], dns_opt=["timeout:1", "attempts:1"], labels=labels(d.rt.tag, "test-control"),
+        read_only=True, cap_drop=["ALL"], user="20001:20001",
     )
     container.reload()
     ip = container.attrs["NetworkSettings"]["Networks"][net.name]["IPAddress"]
@@ -652,12 +619,8 @@ def test_pack_writes_only_tmp_and_its_sandbox(deployment: Deployment) -> None:
     writable = {p for p, v in seen.items() if v == "written"}
     assert writable == {"/tmp/probe", f"{sandbox}/probe"}, seen
     assert seen["/run/rumi/probe"] in ("EROFS", "EACCES") and seen["/app/probe"] in ("EROFS", "EACCES")
-    assert seen["exists"] == {
-        str(d.ws.pack_work_area("other")): False,
-        str(d.ws.state): False,
-        "/var/run/docker.sock": False,
-        "/run/docker.sock": False,
-    }
+    assert seen["exists"] == {str(d.ws.pack_work_area("other")): False, str(d.ws.state): False,
+                              "/var/run/docker.sock": False, "/run/docker.sock": False}
     assert seen["run_rumi"] == ["default.nk"] and seen["seed_prefix"] == "SU"
     status = seen["status"]
     assert status["Uid"].split()[0] == str(pack_uid("default"))

@@ -81,9 +81,7 @@ async def test_a_pack_over_its_in_flight_quota_is_refused_at_once_and_others_are
     assert results["other"] == "done" and results["other_at"] < 1.4, results
 
 
-async def test_refusals_beyond_ten_a_second_are_folded_into_one_event(
-    ws: Workspace, nats_server: object
-) -> None:
+async def test_refusals_beyond_ten_a_second_are_folded_into_one_event(ws: Workspace, nats_server: object) -> None:
     async with running_broker(ws):
         for _ in range(40):
             reply = await raw_request(ws, "default", "file_read", b"\xc1")
@@ -134,9 +132,7 @@ async def test_a_second_recv_on_one_tunnel_is_refused_not_queued() -> None:
         await handler.execute(context, {"op": "close", "tunnel": tid})
 
 
-async def test_small_reads_inline_and_large_reads_in_the_packs_threads(
-    ws: Workspace, nats_server: object
-) -> None:
+async def test_small_reads_inline_and_large_reads_in_the_packs_threads(ws: Workspace, nats_server: object) -> None:
     import os
 
     area = ws.pack_work_area("default")

@@ -69,9 +69,7 @@ def test_checker_reports_cycles_and_sdk_imports(tmp_path: Path) -> None:
     _write(tmp_path, "broker/core/b.py", "def f():\n    from broker.core.a import g\n")
     sdk = _write(tmp_path, "pack_runtime/x.py", "import broker.core.a\n")
     handlers = tmp_path / "handlers"
-    handler = _write(
-        tmp_path, "handlers/h.py", "from broker.core.a import g\nfrom broker.handler_api import C\n"
-    )
+    handler = _write(tmp_path, "handlers/h.py", "from broker.core.a import g\nfrom broker.handler_api import C\n")
     violations = check_tree(tmp_path, handler_dirs=(handlers,))
     messages = [str(v) for v in violations]
     assert any(str(a) + ":1:" in m and "cycle" in m for m in messages), messages

@@ -726,9 +726,7 @@ def test_pack_status_reaches_broker_cli_and_admin_only(ws: Workspace, server: Em
         for name, errs in errors.items():
             nc = await connect(ws, name, error_cb=errs.cb)
             spy = Collector()
-            subject = (
-                "rumi.pack.*.status" if name == "audit" else f"rumi.pack.{name.removeprefix('pack-')}.status"
-            )
+            subject = "rumi.pack.*.status" if name == "audit" else f"rumi.pack.{name.removeprefix('pack-')}.status"
             await nc.subscribe(subject, cb=spy.cb)
             await errs.wait_for(f'subscription to "{subject}"')
             await nc.subscribe("rumi.pack.alpha.status", cb=spy.cb)
@@ -759,21 +757,15 @@ def test_pack_cannot_publish_another_packs_status(ws: Workspace, server: Embedde
         await cli.flush()
         errors = Errors()
         alpha = await connect(ws, "pack-alpha", error_cb=errors.cb)
-        for subject in (
-            "rumi.pack.beta.status",
-            "rumi.pack.*.status",
-            "rumi.pack.alpha.status.x",
-            "rumi.pack.alpha.req.status",
-        ):
+        for subject in ("rumi.pack.beta.status", "rumi.pack.*.status", "rumi.pack.alpha.status.x",
+                        "rumi.pack.alpha.req.status"):
             await alpha.publish(subject, _status("beta"))
             if subject != "rumi.pack.alpha.req.status":  # that one is alpha's own request space
                 await errors.wait_for(f'publish to "{subject}"')
         # Raw protocol too: with headers and a reply subject, the server still refuses it.
         raw = RawClient(server.port, pack_identity(ws, "alpha"))
         try:
-            with pytest.raises(
-                AssertionError, match=r'Permissions Violation for Publish to "rumi\.pack\.beta\.status"'
-            ):
+            with pytest.raises(AssertionError, match=r'Permissions Violation for Publish to "rumi\.pack\.beta\.status"'):
                 raw.hpub("rumi.pack.beta.status", "_INBOX.x", b"NATS/1.0\r\nX: y\r\n\r\n", _status("beta"))
         finally:
             raw.close()
@@ -821,12 +813,8 @@ def test_status_stream_keeps_the_last_status_for_cli_only(ws: Workspace, server:
         # The cli reads this stream only: not the audit stream, and it changes nothing.
         errors = Errors()
         cli2 = await connect(ws, "cli", error_cb=errors.cb)
-        for subject in (
-            "$JS.API.STREAM.MSG.GET.RUMI_AUDIT",
-            "$JS.API.STREAM.PURGE.RUMI_STATUS",
-            "$JS.API.STREAM.DELETE.RUMI_STATUS",
-            "$JS.API.STREAM.INFO.RUMI_STATUS",
-        ):
+        for subject in ("$JS.API.STREAM.MSG.GET.RUMI_AUDIT", "$JS.API.STREAM.PURGE.RUMI_STATUS",
+                        "$JS.API.STREAM.DELETE.RUMI_STATUS", "$JS.API.STREAM.INFO.RUMI_STATUS"):
             assert await js_api(cli2, subject, b"{}") is None
             await errors.wait_for(f'publish to "{subject}"')
         audit_errors = Errors()

@@ -42,7 +42,6 @@ def get(url: str, **extra: Any) -> dict[str, Any]:
 
 # --- scenarios (run inside the namespace) ---------------------------------------------------------
 
-
 async def scenario_ip_literal(payload: dict[str, Any]) -> dict[str, Any]:
     plain = TestServer("127.0.0.1")
     tls = TestServer("127.0.0.1", pki=payload["pki"])
@@ -50,22 +49,16 @@ async def scenario_ip_literal(payload: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"ports": [plain.port, tls.port]}
     out["http"] = await call_network(grant, get(plain.url("/ok")))
     out["https"] = await call_network(grant, get(tls.url("/ok")), verify=payload["pki"]["ca"])
-    out["post"] = await call_network(
-        grant,
-        {
-            "method": "post",
-            "url": plain.url("/echo?q=1"),
-            "body": b"payload-bytes",
-            "headers": {"Authorization": "Bearer s3cret", "Content-Type": "text/plain", "X-Custom": "yes"},
-        },
-    )
+    out["post"] = await call_network(grant, {
+        "method": "post", "url": plain.url("/echo?q=1"), "body": b"payload-bytes",
+        "headers": {"Authorization": "Bearer s3cret", "Content-Type": "text/plain", "X-Custom": "yes"},
+    })
     out["head"] = await call_network(grant, {"method": "HEAD", "url": plain.url("/ok")})
     out["mapped"] = await call_network(grant, get(f"http://[::ffff:127.0.0.1]:{plain.port}/ok"))
     out["other_loopback"] = await call_network(grant, get(f"http://127.0.0.2:{plain.port}/ok"))
-    out["cidr"] = await call_network(
-        {"allowed_domains": ["127.0.0.0/8"], "allowed_ports": [plain.port], "allow_wide_networks": True},
-        get(f"http://127.0.0.2:{plain.port}/ok"),
-    )
+    out["cidr"] = await call_network({"allowed_domains": ["127.0.0.0/8"], "allowed_ports": [plain.port],
+                                      "allow_wide_networks": True},
+                                     get(f"http://127.0.0.2:{plain.port}/ok"))
     out["requests"] = plain.requests
     plain.close()
     tls.close()
@@ -75,35 +68,24 @@ async def scenario_ip_literal(payload: dict[str, Any]) -> dict[str, Any]:
 async def scenario_name_never_reaches_refused(payload: dict[str, Any]) -> dict[str, Any]:
     server = TestServer("127.0.0.1")
     answers = {
-        "loop.test": ["127.0.0.1"],
-        "loop6.test": ["::1"],
-        "meta.test": ["169.254.169.254"],
-        "private.test": ["10.0.0.1"],
-        "mapped.test": ["::ffff:127.0.0.1"],
-        "nat64.test": ["64:ff9b::7f00:1"],
-        "mixed.test": [PUB, "127.0.0.1"],
-        "cgnat.test": ["100.64.0.1"],
-        "ula.test": ["fd00::1"],
-        "sixtofour.test": ["2002:7f00:1::1"],
-        "zero.test": ["0.0.0.0"],
+        "loop.test": ["127.0.0.1"], "loop6.test": ["::1"], "meta.test": ["169.254.169.254"],
+        "private.test": ["10.0.0.1"], "mapped.test": ["::ffff:127.0.0.1"], "nat64.test": ["64:ff9b::7f00:1"],
+        "mixed.test": [PUB, "127.0.0.1"], "cgnat.test": ["100.64.0.1"], "ula.test": ["fd00::1"],
+        "sixtofour.test": ["2002:7f00:1::1"], "zero.test": ["0.0.0.0"],
     }
     resolver = ScriptedResolver({k: [v] for k, v in answers.items()})
     out: dict[str, Any] = {}
     for grant_entries in (["{name}"], ["*.test"], ["*"]):
         for name in answers:
-            grant = {
-                "allowed_domains": [g.format(name=name) for g in grant_entries],
-                "allowed_ports": [server.port],
-            }
+            grant = {"allowed_domains": [g.format(name=name) for g in grant_entries],
+                     "allowed_ports": [server.port]}
             key = f"{grant_entries[0]}|{name}"
             out[key] = await call_network(grant, get(server.url(host=name)), resolver=resolver)
     out["connections"] = server.connections
     # The same name is fine once its address is granted explicitly (IP entry next to the name).
     out["granted_ip"] = await call_network(
         {"allowed_domains": ["loop.test", "127.0.0.1"], "allowed_ports": [server.port]},
-        get(server.url(host="loop.test")),
-        resolver=resolver,
-    )
+        get(server.url(host="loop.test")), resolver=resolver)
     server.close()
     return out
 
@@ -133,13 +115,11 @@ async def scenario_pinned_tls(payload: dict[str, Any]) -> dict[str, Any]:
 async def scenario_rebinding(payload: dict[str, Any]) -> dict[str, Any]:
     public = TestServer(PUB)
     trap = Listener("127.0.0.1", public.port)  # same port: only the address differs
-    resolver = ScriptedResolver(
-        {
-            "rebind.test": [[PUB], ["127.0.0.1"]],
-            "rebind-first.test": [["127.0.0.1"], [PUB]],
-            "hop.test": [[PUB], ["127.0.0.1"]],
-        }
-    )
+    resolver = ScriptedResolver({
+        "rebind.test": [[PUB], ["127.0.0.1"]],
+        "rebind-first.test": [["127.0.0.1"], [PUB]],
+        "hop.test": [[PUB], ["127.0.0.1"]],
+    })
     grant = {"allowed_domains": ["*.test"], "allowed_ports": [public.port]}
     out: dict[str, Any] = {}
 
@@ -168,12 +148,10 @@ async def scenario_redirects(payload: dict[str, Any]) -> dict[str, Any]:
 
     async def via(to: str, **extra: Any) -> dict[str, Any]:
         from urllib.parse import quote
-
         status = extra.pop("status", 302)
         url = a.url(f"/redirect?status={status}&to={quote(to, safe='')}")
-        return await call_network(
-            extra.pop("grant", grant), {"method": "GET", "url": url, **extra}, resolver=resolver
-        )
+        return await call_network(extra.pop("grant", grant), {"method": "GET", "url": url, **extra},
+                                  resolver=resolver)
 
     out: dict[str, Any] = {}
     out["other_port"] = await via(f"http://127.0.0.1:{other_port.port}/")
@@ -189,27 +167,15 @@ async def scenario_redirects(payload: dict[str, Any]) -> dict[str, Any]:
     out["loop"] = await call_network(grant, get(a.url("/loop")))
     out["no_follow"] = await via("/ok", grant={**grant, "max_redirects": 0})
     for status in (301, 302, 303, 307, 308):
-        out[f"post_{status}"] = await call_network(
-            grant,
-            {
-                "method": "POST",
-                "url": a.url(f"/redirect?status={status}&to=/echo"),
-                "body": b"data",
-                "headers": {"Content-Type": "text/plain"},
-            },
-        )
-    secrets = {
-        "Authorization": "Bearer s3cret",
-        "X-Api-Key": "k3y",
-        "Cookie": "sid=1",
-        "Accept": "text/plain",
-    }
-    out["cross_origin"] = await call_network(
-        grant, {"method": "GET", "url": a.url(f"/redirect?to=http://{PUB}:{a.port}/echo"), "headers": secrets}
-    )
-    out["same_origin"] = await call_network(
-        grant, {"method": "GET", "url": a.url("/redirect?to=/echo"), "headers": secrets}
-    )
+        out[f"post_{status}"] = await call_network(grant, {
+            "method": "POST", "url": a.url(f"/redirect?status={status}&to=/echo"), "body": b"data",
+            "headers": {"Content-Type": "text/plain"}})
+    secrets = {"Authorization": "Bearer s3cret", "X-Api-Key": "k3y", "Cookie": "sid=1",
+               "Accept": "text/plain"}
+    out["cross_origin"] = await call_network(grant, {
+        "method": "GET", "url": a.url(f"/redirect?to=http://{PUB}:{a.port}/echo"), "headers": secrets})
+    out["same_origin"] = await call_network(grant, {
+        "method": "GET", "url": a.url("/redirect?to=/echo"), "headers": secrets})
     out["other_port_connections"] = other_port.connections
     out["resolver_calls"] = resolver.calls
     for s in (a, b):
@@ -220,26 +186,19 @@ async def scenario_redirects(payload: dict[str, Any]) -> dict[str, Any]:
 
 async def scenario_limits(payload: dict[str, Any]) -> dict[str, Any]:
     server = TestServer("127.0.0.1")
-    grant = {
-        "allowed_domains": ["127.0.0.1"],
-        "allowed_ports": [server.port],
-        "max_response_bytes": 1000,
-        "max_request_bytes": 100,
-        "timeout": 0.5,
-    }
+    grant = {"allowed_domains": ["127.0.0.1"], "allowed_ports": [server.port],
+             "max_response_bytes": 1000, "max_request_bytes": 100, "timeout": 0.5}
     out: dict[str, Any] = {}
     out["exact"] = await call_network(grant, get(server.url("/big?n=1000")))
     out["declared"] = await call_network(grant, get(server.url("/big?n=1001")))
     out["chunked"] = await call_network(grant, get(server.url("/big?n=50000&chunked=1")))
     before = server.connections
-    out["request_body"] = await call_network(
-        grant, {"method": "POST", "url": server.url("/echo"), "body": b"x" * 101}
-    )
+    out["request_body"] = await call_network(grant, {"method": "POST", "url": server.url("/echo"),
+                                                     "body": b"x" * 101})
     out["request_body_connections"] = server.connections - before
     out["slow"] = await call_network(grant, get(server.url("/slow?s=3")))
-    out["broker_timeout"] = await call_network(
-        {**grant, "timeout": 30}, get(server.url("/slow?s=3")), broker_timeout=0.5
-    )
+    out["broker_timeout"] = await call_network({**grant, "timeout": 30}, get(server.url("/slow?s=3")),
+                                               broker_timeout=0.5)
     server.close()
     return out
 
@@ -268,14 +227,10 @@ async def scenario_refusals(payload: dict[str, Any]) -> dict[str, Any]:
     for name, (g, args) in cases.items():
         out[name] = await call_network(g, args)
     # The default resolver (getaddrinfo; /etc/hosts here) is checked like any other.
-    out["system_resolver"] = await call_network(
-        {"allowed_domains": ["localhost"], "allowed_ports": [server.port]}, get(server.url(host="localhost"))
-    )
-    out["no_answer"] = await call_network(
-        {"allowed_domains": ["gone.test"], "allowed_ports": [server.port]},
-        get(server.url(host="gone.test")),
-        resolver=ScriptedResolver(),
-    )
+    out["system_resolver"] = await call_network({"allowed_domains": ["localhost"], "allowed_ports": [server.port]},
+                                                get(server.url(host="localhost")))
+    out["no_answer"] = await call_network({"allowed_domains": ["gone.test"], "allowed_ports": [server.port]},
+                                          get(server.url(host="gone.test")), resolver=ScriptedResolver())
     out["connections"] = server.connections
     server.close()
     return out
@@ -286,11 +241,8 @@ async def scenario_proxy_env(payload: dict[str, Any]) -> dict[str, Any]:
     proxy = Listener("127.0.0.1")
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         os.environ[var] = f"http://127.0.0.1:{proxy.port}"
-    out = {
-        "result": await call_network(
-            {"allowed_domains": ["127.0.0.1"], "allowed_ports": [server.port]}, get(server.url("/ok"))
-        )
-    }
+    out = {"result": await call_network({"allowed_domains": ["127.0.0.1"], "allowed_ports": [server.port]},
+                                        get(server.url("/ok")))}
     out["proxy_connections"] = proxy.connections
     out["server_connections"] = server.connections
     server.close()
@@ -300,21 +252,14 @@ async def scenario_proxy_env(payload: dict[str, Any]) -> dict[str, Any]:
 
 # --- tests ----------------------------------------------------------------------------------------
 
-
 def test_ip_literal_grant_reaches_local_http_and_https(pki: dict[str, str]) -> None:
     out = run_in_netns(HERE, "scenario_ip_literal", {"pki": pki})
     http_port = out["ports"][0]
     ok = out["http"]
     assert ok["ok"] and ok["status"] == 200 and ok["body"] == "hello"
     assert ["Set-Cookie", "a=1"] in ok["headers"] and ["Set-Cookie", "b=2"] in ok["headers"]
-    assert ok["audit"] == {
-        "method": "GET",
-        "final_target": f"127.0.0.1:{http_port}",
-        "redirects": 0,
-        "bytes_out": 0,
-        "status": 200,
-        "bytes_in": 5,
-    }
+    assert ok["audit"] == {"method": "GET", "final_target": f"127.0.0.1:{http_port}", "redirects": 0,
+                           "bytes_out": 0, "status": 200, "bytes_in": 5}
     assert out["https"]["ok"] and out["https"]["body"] == "hello"
     post = out["post"]
     assert post["ok"] and post["audit"]["bytes_out"] == len(b"payload-bytes")
@@ -370,17 +315,8 @@ def test_dns_rebinding_is_impossible() -> None:
 
 def test_redirects_are_checked_at_every_hop() -> None:
     out = run_in_netns(HERE, "scenario_redirects")
-    for case in (
-        "other_port",
-        "metadata",
-        "not_granted",
-        "name_to_loopback",
-        "ftp",
-        "file",
-        "gopher",
-        "userinfo",
-        "backslash",
-    ):
+    for case in ("other_port", "metadata", "not_granted", "name_to_loopback", "ftp", "file", "gopher",
+                 "userinfo", "backslash"):
         assert out[case]["code"] == "permission_denied", (case, out[case])
     for case in ("other_port", "metadata", "not_granted", "name_to_loopback"):
         assert out[case]["message"].startswith("redirect from 127.0.0.1:"), out[case]
@@ -394,13 +330,8 @@ def test_redirects_are_checked_at_every_hop() -> None:
     assert out["loop"]["code"] == "handler_error" and "redirects" in out["loop"]["message"]
     assert out["no_follow"]["ok"] and out["no_follow"]["status"] == 302
     assert ["Location", "/ok"] in out["no_follow"]["headers"]
-    for status, method, body in (
-        (301, "GET", ""),
-        (302, "GET", ""),
-        (303, "GET", ""),
-        (307, "POST", "data"),
-        (308, "POST", "data"),
-    ):
+    for status, method, body in ((301, "GET", ""), (302, "GET", ""), (303, "GET", ""),
+                                 (307, "POST", "data"), (308, "POST", "data")):
         echo = json.loads(out[f"post_{status}"]["body"])
         assert (echo["method"], echo["body"]) == (method, body), status
     cross = {k.lower(): v for k, v in json.loads(out["cross_origin"]["body"])["headers"]}
@@ -424,22 +355,13 @@ def test_refusals_of_ports_schemes_and_bad_input() -> None:
     out = run_in_netns(HERE, "scenario_refusals")
     assert out.pop("connections") == 0
     expected = {
-        "port": "permission_denied",
-        "ftp": "permission_denied",
-        "file": "permission_denied",
-        "gopher": "permission_denied",
-        "no_scheme": "invalid_request",
-        "method": "invalid_request",
-        "host_header": "invalid_request",
-        "crlf_header": "invalid_request",
-        "bad_header_name": "invalid_request",
-        "transfer_encoding": "invalid_request",
-        "not_enabled": "permission_denied",
-        "unknown_arg": "invalid_request",
-        "bad_body_type": "invalid_request",
-        "empty_grant": "permission_denied",
-        "system_resolver": "permission_denied",
-        "no_answer": "handler_error",
+        "port": "permission_denied", "ftp": "permission_denied", "file": "permission_denied",
+        "gopher": "permission_denied", "no_scheme": "invalid_request", "method": "invalid_request",
+        "host_header": "invalid_request", "crlf_header": "invalid_request",
+        "bad_header_name": "invalid_request", "transfer_encoding": "invalid_request",
+        "not_enabled": "permission_denied", "unknown_arg": "invalid_request",
+        "bad_body_type": "invalid_request", "empty_grant": "permission_denied",
+        "system_resolver": "permission_denied", "no_answer": "handler_error",
     }
     assert {k: v["code"] for k, v in out.items()} == expected
     assert "loopback" in out["system_resolver"]["message"]
@@ -466,32 +388,17 @@ def test_grant_schema_refuses_bad_entries() -> None:
     import msgspec
 
     schema = load_network_handler().META["grant_schema"]
-    good = msgspec.convert(
-        {
-            "enabled": True,
-            "allowed_domains": ["*.Example.com", "10.0.0.0/8", "*", "example.com:443", "[fd00::5]:8443"],
-            "allowed_ports": [443],
-        },
-        schema,
-    )
+    good = msgspec.convert({"enabled": True, "allowed_domains": ["*.Example.com", "10.0.0.0/8", "*",
+                                                                 "example.com:443", "[fd00::5]:8443"],
+                            "allowed_ports": [443]}, schema)
     assert good.enabled
-    wide = msgspec.convert(
-        {"enabled": True, "allowed_domains": ["0.0.0.0/0", "127.0.0.0/8"], "allow_wide_networks": True},
-        schema,
-    )
+    wide = msgspec.convert({"enabled": True, "allowed_domains": ["0.0.0.0/0", "127.0.0.0/8"],
+                            "allow_wide_networks": True}, schema)
     assert wide.allow_wide_networks
     # A ported entry is valid (`example.com:443`); port 0 and a wide CIDR without the flag are not.
-    for bad in (
-        {"allowed_domains": ["a.*.com"]},
-        {"allowed_domains": ["example.com:0"]},
-        {"allowed_domains": ["0.0.0.0/0"]},
-        {"allowed_domains": ["127.0.0.0/8"]},
-        {"allowed_ports": [0]},
-        {"allowed_ports": [70000]},
-        {"allowed_domains": ["0x7f.1"]},
-        {"allowed_domains": ["https://example.com"]},
-        {"timeout": -1},
-        {"unknown": 1},
-    ):
+    for bad in ({"allowed_domains": ["a.*.com"]}, {"allowed_domains": ["example.com:0"]},
+                {"allowed_domains": ["0.0.0.0/0"]}, {"allowed_domains": ["127.0.0.0/8"]},
+                {"allowed_ports": [0]}, {"allowed_ports": [70000]}, {"allowed_domains": ["0x7f.1"]},
+                {"allowed_domains": ["https://example.com"]}, {"timeout": -1}, {"unknown": 1}):
         with pytest.raises(msgspec.ValidationError):
             msgspec.convert({"enabled": True, **bad}, schema)

@@ -226,9 +226,7 @@ async def test_the_broker_allows_the_proxy_component_through_a_pack_wide_grant(
     from .test_broker import audit_events
 
     events = [e for e in await audit_events(ws, 5) if e.get("phase") != "checkpoint"]
-    allowed = [
-        (e["component_id"], e.get("extra", {}).get("grant")) for e in events if e["decision"] == "allow"
-    ]
+    allowed = [(e["component_id"], e.get("extra", {}).get("grant")) for e in events if e["decision"] == "allow"]
     assert allowed == [(PROXY, WIDE), (TOOL, None)], allowed
 
 

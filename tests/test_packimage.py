@@ -38,14 +38,8 @@ from .conftest import docker_engine, say
 MB = 1_000_000
 
 
-def _pack(
-    ws: Workspace,
-    pack_id: str,
-    *,
-    requirements: str | None = None,
-    entry: str = "main.py",
-    code: str = "print('hello')\n",
-) -> Path:
+def _pack(ws: Workspace, pack_id: str, *, requirements: str | None = None, entry: str = "main.py",
+          code: str = "print('hello')\n") -> Path:
     src = ws.ecosystem / pack_id
     src.mkdir(parents=True, exist_ok=True)
     (src / "pack.json").write_text(json.dumps({"id": pack_id, "version": "1.0.0", "entrypoint": entry}))
@@ -71,10 +65,7 @@ def ws(tmp_path: Path) -> Workspace:
     [
         ("six==1.17.0\n", ["six==1.17.0"]),
         ("# comment\n\nsix>=1.16,<2  # trailing\n", ["six>=1.16,<2"]),
-        (
-            "requests[socks] ~= 2.31 ; python_version >= '3.8'",
-            ["requests[socks] ~= 2.31 ; python_version >= '3.8'"],
-        ),
+        ("requests[socks] ~= 2.31 ; python_version >= '3.8'", ["requests[socks] ~= 2.31 ; python_version >= '3.8'"]),
         ("attrs", ["attrs"]),
         ("six==1.17.0 --hash=sha256:" + "a" * 64, ["six==1.17.0 --hash=sha256:" + "a" * 64]),
     ],
@@ -116,9 +107,7 @@ def test_pack_image_tag(pack_id: str, prefix: str, expected: str) -> None:
     assert packimage.pack_image_tag(pack_id, prefix) == expected
 
 
-@pytest.mark.parametrize(
-    ("pack_id", "prefix"), [("Bad", "rumi"), ("a.b", "rumi"), ("ok", "Rumi"), ("ok", "a/b")]
-)
+@pytest.mark.parametrize(("pack_id", "prefix"), [("Bad", "rumi"), ("a.b", "rumi"), ("ok", "Rumi"), ("ok", "a/b")])
 def test_pack_image_tag_refuses_bad_names(pack_id: str, prefix: str) -> None:
     with pytest.raises((WorkspaceError, ValueError)):
         packimage.pack_image_tag(pack_id, prefix)
@@ -127,16 +116,10 @@ def test_pack_image_tag_refuses_bad_names(pack_id: str, prefix: str) -> None:
 @pytest.mark.parametrize(
     ("entry", "base", "expect"),
     [
-        (
-            "main.py",
-            "rumi-base:latest",
-            ["FROM rumi-base:latest", 'CMD ["python3", "main.py"]', 'io.rumi.prefix="rumi"'],
-        ),
-        (
-            "src/app.py",
-            "rumi-ci9-base:latest",
-            ["FROM rumi-ci9-base:latest", 'CMD ["python3", "src/app.py"]', 'io.rumi.prefix="rumi-ci9"'],
-        ),
+        ("main.py", "rumi-base:latest", ['FROM rumi-base:latest', 'CMD ["python3", "main.py"]',
+                                         'io.rumi.prefix="rumi"']),
+        ("src/app.py", "rumi-ci9-base:latest", ['FROM rumi-ci9-base:latest', 'CMD ["python3", "src/app.py"]',
+                                                 'io.rumi.prefix="rumi-ci9"']),
         ("main.py", "registry.example/x/base:1", ["FROM registry.example/x/base:1"]),
     ],
 )
@@ -195,11 +178,8 @@ def test_context_copies_links_as_links_and_normalises_modes(ws: Workspace, tmp_p
     app = dockerfile.parent / "app"
     assert (app / "leak").is_symlink() and os.readlink(app / "leak") == str(secret)
     assert (app / "linkdir").is_symlink()
-    assert not any(
-        "TOP SECRET" in p.read_text(errors="replace")
-        for p in app.rglob("*")
-        if p.is_file() and not p.is_symlink()
-    )
+    assert not any("TOP SECRET" in p.read_text(errors="replace") for p in app.rglob("*")
+                   if p.is_file() and not p.is_symlink())
     assert (app / "private.py").stat().st_mode & 0o777 == 0o644
     assert (app / "tool.sh").stat().st_mode & 0o777 == 0o755
     assert not (app / "__pycache__").exists() and not (app / ".git").exists()
@@ -226,9 +206,8 @@ def test_context_is_rewritten_only_when_inputs_change(ws: Workspace) -> None:
     assert not [p for p in ws.packs.iterdir() if p.name.startswith(".")]
 
 
-def test_sdist_only_requirement_is_refused_naming_it(
-    ws: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sdist_only_requirement_is_refused_naming_it(ws: Workspace, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # An index holding only a source distribution (offline: a local find-links directory).
     links = tmp_path / "links"
     links.mkdir()
@@ -266,7 +245,6 @@ _engine = docker_engine
 
 _say = say
 
-
 def _cli() -> typer.Typer:
     from broker.cli import build as _build
 
@@ -303,15 +281,10 @@ def built(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config)
         seconds = time.monotonic() - started
         assert result.exit_code == 0, result.output
         sizes = {**images.image_sizes(client, prefix)}
-        sizes["pack-default"] = int(
-            client.images.get(packimage.pack_image_tag("default", prefix)).attrs["Size"]
-        )
-        _say(
-            pytestconfig,
-            f"\nrumi build under {prefix}: {seconds:.1f}s; "
-            + ", ".join(f"{k} {v / MB:.1f} MB" for k, v in sizes.items())
-            + f"; default's own layers {(sizes['pack-default'] - sizes['base']) / 1000:.1f} kB",
-        )
+        sizes["pack-default"] = int(client.images.get(packimage.pack_image_tag("default", prefix)).attrs["Size"])
+        _say(pytestconfig, f"\nrumi build under {prefix}: {seconds:.1f}s; "
+             + ", ".join(f"{k} {v / MB:.1f} MB" for k, v in sizes.items())
+             + f"; default's own layers {(sizes['pack-default'] - sizes['base']) / 1000:.1f} kB")
         yield Built(client, prefix, ws, result.output, seconds, sizes)
     finally:
         images.remove_images(client, prefix)
@@ -322,15 +295,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config)
 
 def _run(client: Any, image: str, argv: list[str], **kwargs: Any) -> tuple[int, str]:
     """Run argv to completion with no network; return (exit code, output)."""
-    options: dict[str, Any] = {
-        "network_mode": "none",
-        "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
-    }
+    options: dict[str, Any] = {"network_mode": "none", "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"]}
     options.update(kwargs)
-    container = client.containers.run(
-        image, argv, detach=True, labels={"io.rumi.test": "packimage"}, **options
-    )
+    container = client.containers.run(image, argv, detach=True, labels={"io.rumi.test": "packimage"}, **options)
     try:
         status = container.wait(timeout=120)
         return int(status["StatusCode"]), container.logs().decode()
@@ -385,25 +352,12 @@ def test_default_pack_runs_non_root_with_read_only_code(built: Built) -> None:
         "                  'w_app': os.access('/app', os.W_OK), 'w_venv': os.access('/opt/pack', os.W_OK)}))\n"
     )
     # No read-only root here: the code must be unwritable by ownership and mode alone.
-    status, out = _run(
-        built.client,
-        packimage.pack_image_tag("default", built.prefix),
-        ["python3", "-c", code],
-        user=f"{uid}:{uid}",
-    )
+    status, out = _run(built.client, packimage.pack_image_tag("default", built.prefix), ["python3", "-c", code],
+                       user=f"{uid}:{uid}")
     assert status == 0, out
     info = json.loads(out.strip().splitlines()[-1])
-    assert info == {
-        "uid": uid,
-        "wrote": False,
-        "created": False,
-        "owner": 0,
-        "mode": "0o644",
-        "cwd": "/app",
-        "prefix": "/opt/pack",
-        "w_app": False,
-        "w_venv": False,
-    }
+    assert info == {"uid": uid, "wrote": False, "created": False, "owner": 0, "mode": "0o644", "cwd": "/app",
+                    "prefix": "/opt/pack", "w_app": False, "w_venv": False}
 
 
 @pytest.mark.docker
@@ -428,21 +382,9 @@ def _index_reachable() -> bool:
     with_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"rumi-probe-{secrets.token_hex(4)}"
     try:
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                "--only-binary=:all:",
-                "-d",
-                str(with_tmp),
-                "six==1.17.0",
-            ],
-            capture_output=True,
-            timeout=120,
-            check=False,
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(with_tmp),
+             "six==1.17.0"],
+            capture_output=True, timeout=120, check=False,
         )
         return done.returncode == 0
     except subprocess.TimeoutExpired:
@@ -454,35 +396,24 @@ def _index_reachable() -> bool:
 
 
 @pytest.mark.docker
-def test_requirement_wheel_is_importable_offline(
-    built: Built, tmp_path: Path, pytestconfig: pytest.Config
-) -> None:
+def test_requirement_wheel_is_importable_offline(built: Built, tmp_path: Path,
+                                                 pytestconfig: pytest.Config) -> None:
     if not _index_reachable():
         pytest.skip("the package index is unreachable from this host (six==1.17.0 could not be downloaded)")
     ws = built.ws
-    _pack(
-        ws,
-        "withsix",
-        requirements="six==1.17.0\n",
-        code="import six, sys\nprint('six', six.__version__, six.__file__, sys.prefix)\n",
-    )
+    _pack(ws, "withsix", requirements="six==1.17.0\n",
+          code="import six, sys\nprint('six', six.__version__, six.__file__, sys.prefix)\n")
     try:
         first = packimage.build_pack(built.client, ws, "withsix", prefix=built.prefix)
         second = packimage.build_pack(built.client, ws, "withsix", prefix=built.prefix)
-        _say(
-            pytestconfig,
-            f"\npack-withsix: {first.seconds:.1f}s, adds {first.layer_size / 1000:.1f} kB; "
-            f"reuse {second.seconds:.2f}s",
-        )
+        _say(pytestconfig, f"\npack-withsix: {first.seconds:.1f}s, adds {first.layer_size / 1000:.1f} kB; "
+             f"reuse {second.seconds:.2f}s")
         assert not first.reused and second.reused and second.image_id == first.image_id
         uid = pack_uid("withsix")
         status, out = _run(built.client, first.tag, [], user=f"{uid}:{uid}", read_only=True)
         assert status == 0, out
         assert out.split()[:2] == ["six", "1.17.0"]
-        assert (
-            out.split()[2].startswith("/opt/pack/lib/python3.11/site-packages/")
-            and out.split()[3] == "/opt/pack"
-        )
+        assert out.split()[2].startswith("/opt/pack/lib/python3.11/site-packages/") and out.split()[3] == "/opt/pack"
         site = ws.packs / "withsix" / "site"
         assert (site / "six.py").is_file() and not (site / "bin").exists()
     finally:
@@ -496,32 +427,19 @@ def test_docker_base_context_builds_offline(built: Built) -> None:
     """`docker build -t rumi-base:latest docker/base/` (here through the SDK, under the test prefix)."""
     tag = f"{built.prefix}-basectx:latest"
     built.client.images.build(
-        path=str(built.ws.base),
-        tag=tag,
-        rm=True,
-        forcerm=True,
-        pull=False,
-        network_mode="none",
+        path=str(built.ws.base), tag=tag, rm=True, forcerm=True, pull=False, network_mode="none",
         buildargs={"PYTHON_IMAGE": images.image_tag("python", built.prefix)},
         labels={LABEL_PREFIX: built.prefix},
     )
-    status, out = _run(
-        built.client,
-        tag,
-        [
-            "python3",
-            "-c",
-            "import pack_runtime, nats, msgspec, os; "
-            "print(os.path.exists('/opt/rumi/site-packages/.gitignore'))",
-        ],
-    )
+    status, out = _run(built.client, tag, ["python3", "-c", "import pack_runtime, nats, msgspec, os; "
+                                                         "print(os.path.exists('/opt/rumi/site-packages/.gitignore'))"])
     assert status == 0, out
     assert out.strip() == "False"
 
 
 # ---------------------------------------------------------------------- native wheels, source, syntax
 
-NUMPY_PACK = """
+NUMPY_PACK = '''
 import numpy
 from pack_runtime import Pack
 
@@ -535,14 +453,12 @@ async def total(ctx, args):
 
 if __name__ == "__main__":
     pack.run()
-"""
+'''
 
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_numpy_2_pack_builds_and_answers_through_the_broker(
-    built: Built, pytestconfig: pytest.Config
-) -> None:
+def test_numpy_2_pack_builds_and_answers_through_the_broker(built: Built, pytestconfig: pytest.Config) -> None:
     """numpy 2.x needs libstdc++ from the image: the Pack starts, and its tool answers a `rumi call`."""
     import asyncio
     import shutil
@@ -574,11 +490,8 @@ def test_numpy_2_pack_builds_and_answers_through_the_broker(
         call = time.monotonic() - started
         assert answer == {"sum": 45, "numpy": NUMPY.split("==")[1]}
         ready = report.packs[0].seconds_to_ready
-        _say(
-            pytestconfig,
-            f"\npack-numpy2 ({NUMPY}): built in {first.seconds:.1f}s, {first.layer_size / MB:.1f} MB "
-            f"above the base ({first.size / MB:.1f} MB in all); ready in {ready:.1f}s; call {call * 1000:.0f} ms",
-        )
+        _say(pytestconfig, f"\npack-numpy2 ({NUMPY}): built in {first.seconds:.1f}s, {first.layer_size / MB:.1f} MB "
+             f"above the base ({first.size / MB:.1f} MB in all); ready in {ready:.1f}s; call {call * 1000:.0f} ms")
     finally:
         try:
             rt.down()
@@ -600,9 +513,8 @@ def test_wheel_needing_an_absent_library_builds_no_image(
     tag = packimage.pack_image_tag("fakenative", built.prefix)
     try:
         with pytest.raises(ImageBuildError) as info:
-            packimage.build_pack(
-                built.client, built.ws, "fakenative", prefix=built.prefix, cache_dir=tmp_path / "cache"
-            )
+            packimage.build_pack(built.client, built.ws, "fakenative", prefix=built.prefix,
+                                 cache_dir=tmp_path / "cache")
     finally:
         shutil.rmtree(built.ws.ecosystem / "fakenative")
     message = str(info.value)
@@ -620,9 +532,7 @@ def test_rumi_build_shows_a_syntax_error_with_file_and_line(built: Built) -> Non
 
     _pack(built.ws, "typo", code="print('a')\nprint('b'\n")
     try:
-        result = CliRunner().invoke(
-            _cli(), ["build", "typo", "--root", str(built.ws.root), "--prefix", built.prefix]
-        )
+        result = CliRunner().invoke(_cli(), ["build", "typo", "--root", str(built.ws.root), "--prefix", built.prefix])
     finally:
         shutil.rmtree(built.ws.ecosystem / "typo")
     assert result.exit_code != 0
@@ -641,9 +551,7 @@ def test_no_build_warns_when_the_source_changed(built: Built) -> None:
     lines: list[str] = []
     rt = DockerRuntime(built.ws, built.client, prefix=built.prefix, progress=lines.append)
     tag = packimage.pack_image_tag("default", built.prefix)
-    assert built.client.images.get(tag).labels[packimage.LABEL_SOURCE] == packimage.source_digest(
-        built.ws, "default"
-    )
+    assert built.client.images.get(tag).labels[packimage.LABEL_SOURCE] == packimage.source_digest(built.ws, "default")
     rt.ensure_images(["default"], build=False)
     assert not [ln for ln in lines if "warning" in ln], lines
     main = built.ws.ecosystem / "default" / "main.py"

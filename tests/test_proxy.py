@@ -34,7 +34,7 @@ from tests.test_tunnel import EchoServer, network_events, wait_for_grant, write_
 HERE = Path(__file__).resolve()
 PACK_COMPONENT = "default:pack:_"
 
-CLIENTS = r"""
+CLIENTS = r'''
 import json, sys
 urls = json.loads(sys.argv[1])
 out = {}
@@ -60,32 +60,23 @@ for lib in ("requests", "urllib", "httpx"):
             res = {"error": type(exc).__name__, "detail": repr(exc)[:600]}
         out[f"{lib} {key}"] = res
 print(json.dumps(out))
-"""
+'''
 
 
 def client_env(proxy_port: int, ca: str | None) -> dict[str, str]:
     """The environment the container runtime gives a Pack (plus the test CA)."""
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     proxy = f"http://127.0.0.1:{proxy_port}"
-    env.update(
-        {
-            "HTTP_PROXY": proxy,
-            "HTTPS_PROXY": proxy,
-            "http_proxy": proxy,
-            "https_proxy": proxy,
-            "NO_PROXY": "",
-            "no_proxy": "",
-        }
-    )
+    env.update({"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+                "NO_PROXY": "", "no_proxy": ""})
     if ca is not None:
         env.update({"SSL_CERT_FILE": ca, "REQUESTS_CA_BUNDLE": ca})
     return env
 
 
 async def run_clients(proxy_port: int, urls: dict[str, str], ca: str | None) -> dict[str, Any]:
-    proc = await anyio.run_process(
-        [sys.executable, "-c", CLIENTS, json.dumps(urls)], env=client_env(proxy_port, ca), check=False
-    )
+    proc = await anyio.run_process([sys.executable, "-c", CLIENTS, json.dumps(urls)],
+                                   env=client_env(proxy_port, ca), check=False)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
@@ -144,26 +135,16 @@ def tls_through(proxy_port: int, target: str, server_hostname: str | None, ca: s
 
 # --- unmodified clients ---------------------------------------------------------------------------
 
-
 @pytest.mark.anyio
 async def test_unmodified_clients_reach_granted_servers_end_to_end(
     ws: Workspace, nats_server: object, pki: dict[str, str]
 ) -> None:
     tls, plain = TestServer("127.0.0.1", pki=pki), TestServer("127.0.0.1")
     try:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {
-                "allowed_domains": ["127.0.0.1"],
-                "allowed_ports": [tls.port, plain.port],
-                "plaintext_tunnel": True,
-            },
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"],
+                                                 "allowed_ports": [tls.port, plain.port], "plaintext_tunnel": True})
         async with proxy_stack(ws) as proxy_port:
-            out = await run_clients(
-                proxy_port, {"https": tls.url("/ok"), "http": plain.url("/ok")}, pki["ca"]
-            )
+            out = await run_clients(proxy_port, {"https": tls.url("/ok"), "http": plain.url("/ok")}, pki["ca"])
             events = await network_events(ws, 12)
     finally:
         tls.close()
@@ -195,14 +176,9 @@ async def test_ungranted_port_is_403_and_the_denial_is_audited(
 ) -> None:
     granted, refused = TestServer("127.0.0.1", pki=pki), Listener("127.0.0.1")
     try:
-        write_network_grant(
-            ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [granted.port]}
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [granted.port]})
         async with proxy_stack(ws) as proxy_port:
-            urls = {
-                "https": f"https://127.0.0.1:{refused.port}/ok",
-                "http": f"http://127.0.0.1:{refused.port}/ok",
-            }
+            urls = {"https": f"https://127.0.0.1:{refused.port}/ok", "http": f"http://127.0.0.1:{refused.port}/ok"}
             out = await run_clients(proxy_port, urls, pki["ca"])
             events = await network_events(ws, 6)
     finally:
@@ -228,16 +204,11 @@ async def test_sni_mismatch_is_refused_and_the_server_sees_no_handshake(
 ) -> None:
     tls = TestServer("127.0.0.1", pki=pki)
     try:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {"allowed_domains": ["127.0.0.1"], "allowed_ports": [tls.port], "plaintext_tunnel": True},
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [tls.port],
+                                                 "plaintext_tunnel": True})
         async with proxy_stack(ws) as proxy_port:
             target = f"127.0.0.1:{tls.port}"
-            mismatch = await anyio.to_thread.run_sync(
-                tls_through, proxy_port, target, "granted.test", pki["ca"]
-            )
+            mismatch = await anyio.to_thread.run_sync(tls_through, proxy_port, target, "granted.test", pki["ca"])
             ip_ok = await anyio.to_thread.run_sync(tls_through, proxy_port, target, None, pki["ca"])
             events = await network_events(ws, 5)
         await anyio.sleep(0.3)
@@ -246,9 +217,7 @@ async def test_sni_mismatch_is_refused_and_the_server_sees_no_handshake(
     assert mismatch != "ok" and not mismatch.startswith("connect"), mismatch
     assert ip_ok == "ok HTTP/1.1 200 OK"
     assert tls.sni == [None] and len(tls.requests) == 1  # only the IP-literal handshake reached it
-    closes = sorted(
-        e["extra"]["reason"] for e in events if e["phase"] == "outcome" and e["decision"] == "allow"
-    )
+    closes = sorted(e["extra"]["reason"] for e in events if e["phase"] == "outcome" and e["decision"] == "allow")
     assert closes[-1] == "sni_mismatch" and len(closes) == 2
     refusal = [e for e in events if e["phase"] == "outcome" and e["decision"] == "deny"]
     assert [e["code"] for e in refusal] == ["permission_denied"]
@@ -257,16 +226,8 @@ async def test_sni_mismatch_is_refused_and_the_server_sees_no_handshake(
 @pytest.mark.anyio
 async def test_revocation_ends_a_proxied_tunnel(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {
-                "allowed_domains": ["127.0.0.1"],
-                "allowed_ports": [echo.port],
-                "plaintext_tunnel": True,
-                "tunnel_idle_timeout": 1.5,
-            },
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                 "plaintext_tunnel": True, "tunnel_idle_timeout": 1.5})
         brokers: list[Any] = []
         async with proxy_stack(ws, brokers) as proxy_port:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
@@ -282,12 +243,8 @@ async def test_revocation_ends_a_proxied_tunnel(ws: Workspace, nats_server: obje
                 rest = await reader.read()
             assert rest == b""
             writer.close()
-            events = await network_events(
-                ws,
-                3,
-                timeout=8,
-                until=lambda es: any(e["phase"] == "outcome" and e["decision"] == "allow" for e in es),
-            )
+            events = await network_events(ws, 3, timeout=8, until=lambda es: any(
+                e["phase"] == "outcome" and e["decision"] == "allow" for e in es))
     assert bytes(echo.received) == b"ping"
     closes = [e for e in events if e["phase"] == "outcome" and e["decision"] == "allow"]
     assert len(closes) == 1 and closes[0]["extra"]["reason"] in ("revoked", "idle")
@@ -295,7 +252,6 @@ async def test_revocation_ends_a_proxied_tunnel(ws: Workspace, nats_server: obje
 
 
 # --- plain HTTP and the proxy's own parsing -------------------------------------------------------
-
 
 async def exchange(proxy_port: int, raw: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
@@ -311,32 +267,21 @@ async def exchange(proxy_port: int, raw: bytes) -> bytes:
 async def test_plain_http_forwarding_and_bad_requests(ws: Workspace, nats_server: object) -> None:
     plain = TestServer("127.0.0.1")
     try:
-        write_network_grant(
-            ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [plain.port]}
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [plain.port]})
         async with proxy_stack(ws) as port:
             base = f"http://127.0.0.1:{plain.port}"
-            chunked = await exchange(
-                port,
-                (
-                    f"POST {base}/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
-                    "Proxy-Connection: keep-alive\r\nX-Test: 1\r\nX-Test: 2\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-                ).encode(),
-            )
-            redirect = await exchange(
-                port, f"GET {base}/redirect?to=/ok HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-            )
+            chunked = await exchange(port, (
+                f"POST {base}/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                "Proxy-Connection: keep-alive\r\nX-Test: 1\r\nX-Test: 2\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+            ).encode())
+            redirect = await exchange(port, f"GET {base}/redirect?to=/ok HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             head = await exchange(port, f"HEAD {base}/ok HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             bad = {
                 "origin_form": await exchange(port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n"),
                 "no_port": await exchange(port, b"CONNECT 127.0.0.1 HTTP/1.1\r\n\r\n"),
                 "garbage": await exchange(port, b"\x16\x03\x01 hello\r\n\r\n"),
-                "https_absolute": await exchange(
-                    port, f"GET https://127.0.0.1:{plain.port}/ HTTP/1.1\r\n\r\n".encode()
-                ),
-                "bad_length": await exchange(
-                    port, f"POST {base}/echo HTTP/1.1\r\nContent-Length: x\r\n\r\n".encode()
-                ),
+                "https_absolute": await exchange(port, f"GET https://127.0.0.1:{plain.port}/ HTTP/1.1\r\n\r\n".encode()),
+                "bad_length": await exchange(port, f"POST {base}/echo HTTP/1.1\r\nContent-Length: x\r\n\r\n".encode()),
             }
     finally:
         plain.close()
@@ -348,11 +293,7 @@ async def test_plain_http_forwarding_and_bad_requests(ws: Workspace, nats_server
     assert sent["x-test"] == "1, 2" and "proxy-connection" not in sent and "transfer-encoding" not in sent
     # Redirects go back to the client (which follows them through the proxy, checked again).
     assert redirect.startswith(b"HTTP/1.1 302 Found") and b"\r\nLocation: /ok\r\n" in redirect
-    assert (
-        head.startswith(b"HTTP/1.1 200 OK")
-        and b"Content-Length: 5\r\n" in head
-        and head.endswith(b"\r\n\r\n")
-    )
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 5\r\n" in head and head.endswith(b"\r\n\r\n")
     for case, answer in bad.items():
         assert answer.startswith(b"HTTP/1.1 400 Bad Request"), (case, answer)
         assert b"X-Rumi-Error: invalid_request" in answer, case
@@ -364,17 +305,12 @@ async def test_plaintext_goes_through_fetch_and_a_plaintext_tunnel_needs_its_gra
 ) -> None:
     plain = TestServer("127.0.0.1")
     try:
-        write_network_grant(
-            ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [plain.port]}
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [plain.port]})
         async with proxy_stack(ws) as port:
             # Plain http:// is a fetch: the broker writes the Host header, whatever the client wrote.
-            fetched = await exchange(
-                port,
-                (
-                    f"GET http://127.0.0.1:{plain.port}/echo HTTP/1.1\r\nHost: internal.admin.test\r\n\r\n"
-                ).encode(),
-            )
+            fetched = await exchange(port, (
+                f"GET http://127.0.0.1:{plain.port}/echo HTTP/1.1\r\nHost: internal.admin.test\r\n\r\n"
+            ).encode())
             # A tunnel there could carry any Host header: not without plaintext_tunnel.
             tunnel = await exchange(port, f"CONNECT 127.0.0.1:{plain.port} HTTP/1.1\r\n\r\n".encode())
             events = await network_events(ws, 3)
@@ -391,32 +327,18 @@ async def test_plaintext_goes_through_fetch_and_a_plaintext_tunnel_needs_its_gra
     assert len(refused) == 1 and refused[0]["phase"] == "decision"  # one event for the refused CONNECT
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("127.0.0.1:3128", ("127.0.0.1", 3128)),
-        ("localhost:3128", ("127.0.0.1", 3128)),
-        ("[::1]:8080", ("::1", 8080)),
-        ("127.0.0.5:0", ("127.0.0.5", 0)),
-    ],
-)
+@pytest.mark.parametrize(("text", "expected"), [
+    ("127.0.0.1:3128", ("127.0.0.1", 3128)),
+    ("localhost:3128", ("127.0.0.1", 3128)),
+    ("[::1]:8080", ("::1", 8080)),
+    ("127.0.0.5:0", ("127.0.0.5", 0)),
+])
 def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
     assert parse_listen(text) == expected
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "0.0.0.0:3128",
-        "10.0.0.1:3128",
-        "example.com:3128",
-        "127.0.0.1",
-        "127.0.0.1:x",
-        ":3128",
-        "127.0.0.1:70000",
-        "[::]:3128",
-    ],
-)
+@pytest.mark.parametrize("text", ["0.0.0.0:3128", "10.0.0.1:3128", "example.com:3128", "127.0.0.1", "127.0.0.1:x",
+                                  ":3128", "127.0.0.1:70000", "[::]:3128"])
 def test_parse_listen_refuses_non_loopback_or_malformed(text: str) -> None:
     with pytest.raises(ValueError):
         parse_listen(text)
@@ -434,15 +356,9 @@ async def test_pack_serve_starts_the_proxy_when_rumi_proxy_listen_is_set(
     port = free_port()
     monkeypatch.setenv("RUMI_PROXY_LISTEN", f"127.0.0.1:{port}")
     try:
-        write_network_grant(
-            ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [plain.port]}
-        )
-        pack = Pack(
-            "default",
-            nats_url=nats_url(ws),
-            creds=str(pack_identity(ws, "default").seed_path),
-            request_timeout=5,
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [plain.port]})
+        pack = Pack("default", nats_url=nats_url(ws), creds=str(pack_identity(ws, "default").seed_path),
+                    request_timeout=5)
         async with running_broker(ws), anyio.create_task_group() as tg:
             await tg.start(pack.serve)
             answer = await exchange(port, f"GET {plain.url('/ok')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -453,7 +369,6 @@ async def test_pack_serve_starts_the_proxy_when_rumi_proxy_listen_is_set(
 
 
 # --- names, SNI and refused addresses, inside a namespace -----------------------------------------
-
 
 async def scenario_names_through_the_proxy(payload: dict[str, Any]) -> dict[str, Any]:
     """Whole stack in the namespace: nats-server, broker, Pack, proxy; names from a scripted resolver."""
@@ -466,27 +381,15 @@ async def scenario_names_through_the_proxy(payload: dict[str, Any]) -> dict[str,
     pki = payload["pki"]
     server = TestServer(PUBLIC_TEST_ADDRESS, pki=pki)
     trap = Listener("127.0.0.1", server.port)
-    resolver = ScriptedResolver(
-        {
-            "granted.test": [[PUBLIC_TEST_ADDRESS]],
-            "other.test": [[PUBLIC_TEST_ADDRESS]],
-            "loop.test": [["127.0.0.1"]],
-        }
-    )
+    resolver = ScriptedResolver({"granted.test": [[PUBLIC_TEST_ADDRESS]], "other.test": [[PUBLIC_TEST_ADDRESS]],
+                                 "loop.test": [["127.0.0.1"]]})
     egress.resolve_system = resolver  # type: ignore[assignment]  # the broker's resolver, in this child only
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.at(Path(tmp) / "ws")
         init_workspace(ws)
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {
-                "allowed_domains": ["granted.test", "loop.test"],
-                "allowed_ports": [server.port],
-                "plaintext_tunnel": True,
-            },
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["granted.test", "loop.test"],
+                                                 "allowed_ports": [server.port], "plaintext_tunnel": True})
         nats = EmbeddedServer(ws, ws.load_config(), port=free_port())
         nats.start()
         try:
@@ -495,32 +398,19 @@ async def scenario_names_through_the_proxy(payload: dict[str, Any]) -> dict[str,
                 target = f"granted.test:{server.port}"
                 out["clients"] = await run_clients(proxy_port, {"name": f"https://{target}/ok"}, pki["ca"])
                 out["sni_after_clients"] = list(server.sni)
-                out["other_sni"] = await anyio.to_thread.run_sync(
-                    tls_through, proxy_port, target, "other.test", pki["ca"]
-                )
-                out["no_sni"] = await anyio.to_thread.run_sync(
-                    tls_through, proxy_port, target, None, pki["ca"]
-                )
-                out["loop"] = await anyio.to_thread.run_sync(
-                    tls_through, proxy_port, f"loop.test:{server.port}", "loop.test", pki["ca"]
-                )
+                out["other_sni"] = await anyio.to_thread.run_sync(tls_through, proxy_port, target, "other.test",
+                                                                  pki["ca"])
+                out["no_sni"] = await anyio.to_thread.run_sync(tls_through, proxy_port, target, None, pki["ca"])
+                out["loop"] = await anyio.to_thread.run_sync(tls_through, proxy_port, f"loop.test:{server.port}",
+                                                             "loop.test", pki["ca"])
                 out["not_granted"] = await anyio.to_thread.run_sync(
-                    tls_through, proxy_port, f"other.test:{server.port}", "other.test", pki["ca"]
-                )
+                    tls_through, proxy_port, f"other.test:{server.port}", "other.test", pki["ca"])
                 events = await network_events(ws, 12)
-                out["reasons"] = sorted(
-                    e["extra"]["reason"]
-                    for e in events
-                    if e["phase"] == "outcome" and e["decision"] == "allow"
-                )
-                out["errors"] = sorted(
-                    e["code"]
-                    for e in events
-                    if e["phase"] == "outcome" and e["decision"] in ("deny", "error")
-                )
-                out["refused_on_arguments"] = sorted(
-                    e["code"] for e in events if e["phase"] == "decision" and e["decision"] == "deny"
-                )
+                out["reasons"] = sorted(e["extra"]["reason"] for e in events
+                                        if e["phase"] == "outcome" and e["decision"] == "allow")
+                out["errors"] = sorted(e["code"] for e in events if e["phase"] == "outcome" and e["decision"] in ("deny", "error"))
+                out["refused_on_arguments"] = sorted(e["code"] for e in events
+                                                     if e["phase"] == "decision" and e["decision"] == "deny")
             await anyio.sleep(0.3)
         finally:
             nats.stop()
@@ -555,7 +445,7 @@ def test_names_sni_and_refused_addresses_through_the_proxy(pki: dict[str, str]) 
 
 # --- measurements ---------------------------------------------------------------------------------
 
-DOWNLOAD = r"""
+DOWNLOAD = r'''
 import json, sys, time, httpx
 url, proxy, ca, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 out = {}
@@ -570,7 +460,7 @@ for name, kwargs in (("direct", {}), ("tunnel", {"proxy": proxy})):
             best = dt if best is None else min(best, dt)
     out[name] = best
 print(json.dumps(out))
-"""
+'''
 
 
 @pytest.mark.anyio
@@ -580,17 +470,13 @@ async def test_measure_5mb_download_and_tunnel_open_latency(
     """Not a timing assertion: checks a 5 MiB body arrives intact and prints throughput and latency."""
     tls = TestServer("127.0.0.1", pki=pki)
     try:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {"allowed_domains": ["127.0.0.1"], "allowed_ports": [tls.port], "plaintext_tunnel": True},
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [tls.port],
+                                                 "plaintext_tunnel": True})
         async with proxy_stack(ws) as proxy_port:
             url = tls.url(f"/big?n={5 * 1024 * 1024}")
             proc = await anyio.run_process(
                 [sys.executable, "-c", DOWNLOAD, url, f"http://127.0.0.1:{proxy_port}", pki["ca"], "3"],
-                check=False,
-            )
+                check=False)
             assert proc.returncode == 0, proc.stderr.decode()[-3000:]
             seconds = json.loads(proc.stdout)
 
@@ -608,9 +494,7 @@ async def test_measure_5mb_download_and_tunnel_open_latency(
     finally:
         tls.close()
     mb = 5 * 1024 * 1024 / 1e6
-    print(
-        f"\n5 MiB over TLS: direct {seconds['direct'] * 1000:.0f} ms ({mb / seconds['direct']:.0f} MB/s), "
-        f"through the tunnel {seconds['tunnel'] * 1000:.0f} ms ({mb / seconds['tunnel']:.0f} MB/s); "
-        f"CONNECT→200 p50 {statistics.median(latencies) * 1000:.1f} ms, "
-        f"max {max(latencies) * 1000:.1f} ms over {len(latencies)}"
-    )
+    print(f"\n5 MiB over TLS: direct {seconds['direct'] * 1000:.0f} ms ({mb / seconds['direct']:.0f} MB/s), "
+          f"through the tunnel {seconds['tunnel'] * 1000:.0f} ms ({mb / seconds['tunnel']:.0f} MB/s); "
+          f"CONNECT→200 p50 {statistics.median(latencies) * 1000:.1f} ms, "
+          f"max {max(latencies) * 1000:.1f} ms over {len(latencies)}")

@@ -51,14 +51,7 @@ SMALL_PACK = OTHER_PACK  # one tool, `echo`, no requirements
 
 
 def _status(**changes: Any) -> bytes:
-    fields: dict[str, Any] = {
-        "v": 1,
-        "pack_id": "alpha",
-        "state": "alive",
-        "ts": 1.5,
-        "seq": 3,
-        "interval": 5.0,
-    }
+    fields: dict[str, Any] = {"v": 1, "pack_id": "alpha", "state": "alive", "ts": 1.5, "seq": 3, "interval": 5.0}
     fields.update(changes)
     return msgspec.msgpack.encode(fields)
 
@@ -84,12 +77,7 @@ def test_status_message_is_strict() -> None:
 
 def test_readers_take_the_pack_from_the_subject() -> None:
     heard = decode_status("rumi.pack.alpha.status", _status(), 10.0)
-    assert heard is not None and (heard.pack_id, heard.state, heard.seq, heard.heard_at) == (
-        "alpha",
-        "alive",
-        3,
-        10.0,
-    )
+    assert heard is not None and (heard.pack_id, heard.state, heard.seq, heard.heard_at) == ("alpha", "alive", 3, 10.0)
     # The payload naming another Pack, another version, a malformed payload or subject: dropped.
     assert decode_status("rumi.pack.beta.status", _status(), 0.0) is None
     assert decode_status("rumi.pack.alpha.status", _status(v=2), 0.0) is None
@@ -217,9 +205,7 @@ def test_sdk_says_ready_then_alive_then_stopping(
     assert all(h.pack_id == "default" and h.interval == pytest.approx(0.2) for h in heard)
 
 
-def test_call_to_a_silent_pack_fails_fast(
-    ws: Workspace, nats_server: object, pytestconfig: pytest.Config
-) -> None:
+def test_call_to_a_silent_pack_fails_fast(ws: Workspace, nats_server: object, pytestconfig: pytest.Config) -> None:
     """Heartbeats every 0.2 s: stale after 0.6 s. The call's own timeout is 30 s."""
 
     async def body() -> None:
@@ -249,10 +235,7 @@ def test_call_to_a_silent_pack_fails_fast(
         with pytest.raises(RumiError, match=r"stopping|not running"):
             await call_tool(ws, "default", "tool", "slow", {"seconds": 0}, 30)
         assert time.monotonic() - started < 2
-        say(
-            pytestconfig,
-            f"\nsilent Pack: call failed after {waited:.2f} s (stale 0.6 s), {before_send:.2f} s when known",
-        )
+        say(pytestconfig, f"\nsilent Pack: call failed after {waited:.2f} s (stale 0.6 s), {before_send:.2f} s when known")
 
     asyncio.run(asyncio.wait_for(body(), 90))
 
@@ -297,9 +280,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.mark.docker
-def test_up_waits_for_ready_and_a_paused_pack_is_unavailable(
-    deployment: Any, pytestconfig: pytest.Config
-) -> None:
+def test_up_waits_for_ready_and_a_paused_pack_is_unavailable(deployment: Any, pytestconfig: pytest.Config) -> None:
     rt, ids = deployment
     lines: list[str] = []
     rt.progress = lines.append
@@ -337,9 +318,7 @@ def test_up_waits_for_ready_and_a_paused_pack_is_unavailable(
     paused.pause()
     try:
         started = time.monotonic()
-        with pytest.raises(
-            Unavailable, match=r"unavailable: Pack rb sent no heartbeat for \d+ s \(`rumi logs rb`\)"
-        ):
+        with pytest.raises(Unavailable, match=r"unavailable: Pack rb sent no heartbeat for \d+ s \(`rumi logs rb`\)"):
             asyncio.run(call_tool(rt.ws, "rb", "tool", "echo", {}, 60))
         failed_after = time.monotonic() - started
         assert failed_after < 10, failed_after  # 3 intervals of 1 s, not the 60 s timeout
@@ -358,8 +337,7 @@ def test_up_waits_for_ready_and_a_paused_pack_is_unavailable(
     assert asyncio.run(call_tool(rt.ws, "rb", "tool", "echo", {"z": 2}, 30)) == {"z": 2}
     say(
         pytestconfig,
-        "\n3 Packs: "
-        + ", ".join(f"{p.pack_id} ready {p.seconds_to_ready:.2f} s" for p in report.packs)
+        "\n3 Packs: " + ", ".join(f"{p.pack_id} ready {p.seconds_to_ready:.2f} s" for p in report.packs)
         + f"; up {report.seconds:.1f} s; paused Pack unavailable after {failed_after:.1f} s",
     )
 
@@ -370,27 +348,14 @@ def test_cli_ps_and_doctor_show_heartbeats_without_docker(tmp_path: Path) -> Non
     from broker.containers.engine import ContainerInfo
 
     def row(**changes: Any) -> ContainerInfo:
-        base: dict[str, Any] = {
-            "name": "rumi-pack-a",
-            "role": "pack",
-            "pack_id": "a",
-            "state": "running",
-            "health": "starting",
-            "image": "i",
-            "addresses": {},
-            "ports": [],
-        }
+        base: dict[str, Any] = {"name": "rumi-pack-a", "role": "pack", "pack_id": "a", "state": "running",
+                                "health": "starting", "image": "i", "addresses": {}, "ports": []}
         base.update(changes)
         return ContainerInfo(**base)
 
     assert _pack_status(row()) == "never heard"
     assert _pack_status(row(heartbeat="alive", heartbeat_age=1.0, heartbeat_stale_after=15.0)) == "alive"
-    assert (
-        _pack_status(row(heartbeat="alive", heartbeat_age=20.0, heartbeat_stale_after=15.0))
-        == "silent (was alive)"
-    )
-    assert (
-        _pack_status(row(heartbeat="stopping", heartbeat_age=20.0, heartbeat_stale_after=15.0)) == "stopping"
-    )
+    assert _pack_status(row(heartbeat="alive", heartbeat_age=20.0, heartbeat_stale_after=15.0)) == "silent (was alive)"
+    assert _pack_status(row(heartbeat="stopping", heartbeat_age=20.0, heartbeat_stale_after=15.0)) == "stopping"
     assert _pack_status(row(role="nats")) == "-"
     assert os.environ.get("RUMI_HEARTBEAT_INTERVAL") is None

@@ -87,12 +87,7 @@ def test_repository_config_json_matches_shipped() -> None:
 def test_ruff_is_clean() -> None:
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     assert ruff, "ruff is a dev dependency (requirements.lock)"
-    out = subprocess.run(
-        [ruff, "check", "broker", "pack_runtime", "tests", "config/handlers"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    out = subprocess.run([ruff, "check", "broker", "pack_runtime", "tests", "config/handlers"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:]
 
 

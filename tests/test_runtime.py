@@ -244,9 +244,7 @@ def _engine() -> Any:
     _need_root_and_iptables()
     return client
 
-
 _say = say
-
 
 @dataclass
 class Images:
@@ -341,9 +339,7 @@ def _cli(runner: CliRunner, *args: str) -> Any:
 
 
 @pytest.mark.docker
-def test_up_ps_stats_logs_call_doctor_down(
-    images: Images, tmp_path: Path, pytestconfig: pytest.Config
-) -> None:
+def test_up_ps_stats_logs_call_doctor_down(images: Images, tmp_path: Path, pytestconfig: pytest.Config) -> None:
     ws = _workspace(tmp_path / "ws")
     root = str(ws.root)
     tag = workspace_tag(ws)
@@ -365,19 +361,14 @@ def test_up_ps_stats_logs_call_doctor_down(
         # Ready by its own heartbeat; Docker's rare healthcheck may not have run yet.
         pack = roles["pack"]
         assert pack["heartbeat"] in ("ready", "alive") and pack["name"] == f"{images.prefix}-pack-default"
-        assert pack["heartbeat_age"] <= pack["heartbeat_stale_after"] and pack["health"] in (
-            "starting",
-            "healthy",
-        )
+        assert pack["heartbeat_age"] <= pack["heartbeat_stale_after"] and pack["health"] in ("starting", "healthy")
         assert roles["nats"]["state"] == "running"
         assert roles["nats"]["ports"] == [f"127.0.0.1:{ws.load_config().nats_port}->4222/tcp"]
         pack_nets = [n for n in status["networks"] if n["role"] == "pack-network"]
         assert [n["guard"] for n in pack_nets] == ["active"] and pack_nets[0]["internal"] is True
         assert status["broker_pid"] and status["nats_url"] == f"nats://127.0.0.1:{ws.load_config().nats_port}"
         human = runner.invoke(app, ["ps", "--root", root])
-        pack_row = next(
-            ln for ln in human.output.splitlines() if ln.startswith(f"{images.prefix}-pack-default")
-        )
+        pack_row = next(ln for ln in human.output.splitlines() if ln.startswith(f"{images.prefix}-pack-default"))
         assert human.exit_code == 0 and ("ready" in pack_row or "alive" in pack_row) and "s ago" in pack_row
         assert "active" in human.output
 
@@ -395,18 +386,8 @@ def test_up_ps_stats_logs_call_doctor_down(
         assert missing.exit_code == 3 and missing.output.count("\n") == 1  # environment missing
         assert "has no container in this workspace" in missing.output
 
-        call = runner.invoke(
-            app,
-            [
-                "call",
-                "default:tool:my_tool",
-                '{"note": "from a container"}',
-                "--root",
-                root,
-                "--timeout",
-                "30",
-            ],
-        )
+        call = runner.invoke(app, ["call", "default:tool:my_tool", '{"note": "from a container"}', "--root", root,
+                                   "--timeout", "30"])
         assert call.exit_code == 0, call.output
         result = json.loads(call.output)
         outcome = {a["attempt"]: a for a in result["attempts"]}

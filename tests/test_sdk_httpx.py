@@ -31,11 +31,8 @@ async def test_broker_transport_end_to_end(ws: Workspace, nats_server: object) -
             client = httpx.AsyncClient(transport=BrokerTransport(pack.context(TOOL)))
             async with client:
                 ok = await client.get(server.url("/ok"))
-                posted = await client.post(
-                    server.url("/echo?q=1"),
-                    content=b"payload",
-                    headers={"Authorization": "Bearer s3cret", "X-Multi": "a"},
-                )
+                posted = await client.post(server.url("/echo?q=1"), content=b"payload",
+                                           headers={"Authorization": "Bearer s3cret", "X-Multi": "a"})
                 redirected = await client.get(server.url("/redirect?to=/ok"))
                 missing = await client.get(server.url("/nope"))
                 with pytest.raises(BrokerTransportError) as port_refused:
@@ -73,14 +70,8 @@ async def test_broker_transport_end_to_end(ws: Workspace, nats_server: object) -
     assert len([e for e in fetched if e["phase"] == "decision"]) == 7
     first = [e for e in fetched if e["request_id"] == fetched[0]["request_id"]]
     assert [e["phase"] for e in first] == ["decision", "outcome"]
-    assert first[1]["extra"] == {
-        "method": "GET",
-        "final_target": f"127.0.0.1:{server.port}",
-        "redirects": 0,
-        "bytes_out": 0,
-        "status": 200,
-        "bytes_in": 5,
-    }
+    assert first[1]["extra"] == {"method": "GET", "final_target": f"127.0.0.1:{server.port}", "redirects": 0,
+                                 "bytes_out": 0, "status": 200, "bytes_in": 5}
     assert all(e["target"].startswith("127.0.0.") for e in fetched)
     text = json.dumps(events)
     assert "s3cret" not in text and "payload" not in text and "/echo" not in text

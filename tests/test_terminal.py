@@ -91,7 +91,6 @@ def run(ws: Workspace, grant_dir: Path, argv: list[str], **kw: Any) -> dict[str,
 
 _engine = docker_engine
 
-
 def _leftovers(client: Any) -> list[Any]:
     return list(
         client.api.containers(all=True, filters={"label": ["io.rumi.role=sandbox", f"io.rumi.pack={PACK}"]})

@@ -42,7 +42,6 @@ PACK_COMPONENT = "default:pack:_"
 
 # --- ClientHello builders -------------------------------------------------------------------------
 
-
 def real_client_hello(server_hostname: str | None) -> bytes:
     """The first flight Python's own TLS client sends (one or more records)."""
     ctx = ssl.create_default_context()
@@ -74,7 +73,7 @@ def records(handshake: bytes, size: int = 2**14, version: bytes = b"\x03\x01", k
     """`handshake` split into TLS records of at most `size` bytes."""
     out = b""
     for i in range(0, len(handshake), size):
-        part = handshake[i : i + size]
+        part = handshake[i:i + size]
         out += bytes([kind]) + version + struct.pack("!H", len(part)) + part
     return out
 
@@ -85,15 +84,11 @@ def hello(*names: bytes) -> bytes:
 
 # --- parser and rule tables -----------------------------------------------------------------------
 
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("granted.test", "granted.test"),
-        ("api.example.com", "api.example.com"),
-        (None, None),
-    ],
-)
+@pytest.mark.parametrize(("name", "expected"), [
+    ("granted.test", "granted.test"),
+    ("api.example.com", "api.example.com"),
+    (None, None),
+])
 def test_parses_pythons_own_client_hello(name: str | None, expected: str | None) -> None:
     data = real_client_hello(name)
     parsed = parse_client_hello(data)
@@ -111,105 +106,45 @@ def test_fragmented_records_and_partial_delivery(size: int) -> None:
     assert check_first_flight(data, "granted.test", False, 443) is FirstFlight.FORWARD
 
 
-@pytest.mark.parametrize(
-    ("data", "host", "is_ip", "port", "verdict"),
-    [
-        (hello(b"granted.test"), "granted.test", False, 443, "forward"),
-        (hello(b"GRANTED.Test."), "granted.test", False, 443, "forward"),  # case and trailing dot
-        (hello(b"other.test"), "granted.test", False, 443, "sni_mismatch"),
-        (hello(b"granted.test.evil"), "granted.test", False, 8443, "sni_mismatch"),
-        (hello(b"sub.granted.test"), "granted.test", False, 443, "sni_mismatch"),
-        (hello(), "granted.test", False, 443, "sni_missing"),  # a name must be named
-        (records(hello_message(None)), "granted.test", False, 443, "sni_missing"),
-        (hello(), "127.0.0.1", True, 443, "forward"),  # IP-literal CONNECT: no SNI is normal
-        (hello(b"granted.test"), "127.0.0.1", True, 443, "sni_mismatch"),  # ...but no other name
-        (hello(b"127.0.0.1"), "127.0.0.1", True, 443, "forward"),  # not valid SNI, but names the same host
-        (hello(b"127.0.0.1"), "granted.test", False, 443, "sni_mismatch"),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "granted.test", False, 443, "not_tls"),
-        (
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-            "granted.test",
-            False,
-            80,
-            "forward",
-        ),  # plain protocols elsewhere
-        (b"\x80\x2e\x01\x03\x01", "granted.test", False, 443, "not_tls"),  # SSLv2-style hello
-        (
-            records(hello_message([sni_ext(b"granted.test"), (0xFE0D, b"\x00" * 8)])),
-            "granted.test",
-            False,
-            443,
-            "sni_hidden",
-        ),  # ECH would hide the real name
-        (
-            records(hello_message([sni_ext(b"granted.test"), (0xFFCE, b"\x00")])),
-            "granted.test",
-            False,
-            443,
-            "sni_hidden",
-        ),
-        (
-            records(hello_message([sni_ext(b"granted.test"), sni_ext(b"other.test")])),
-            "granted.test",
-            False,
-            443,
-            "bad_client_hello",
-        ),  # repeated extension
-        (hello(b"granted.test", b"other.test"), "granted.test", False, 443, "bad_client_hello"),  # two names
-        (
-            records(hello_message([sni_ext(b"granted.test", kind=1)])),
-            "granted.test",
-            False,
-            443,
-            "bad_client_hello",
-        ),
-        (
-            records(hello_message([sni_ext("grä.test".encode())])),
-            "xn--gr-via.test",
-            False,
-            443,
-            "bad_client_hello",
-        ),  # not ASCII
-        (records(hello_message([sni_ext(b"a b.test")])), "granted.test", False, 443, "bad_client_hello"),
-        (
-            records(hello_message([sni_ext(b"granted.test")], msg_type=2)),
-            "granted.test",
-            False,
-            443,
-            "bad_client_hello",
-        ),  # a ServerHello
-        (
-            records(hello_message([sni_ext(b"granted.test")]), version=b"\x02\x00"),
-            "granted.test",
-            False,
-            443,
-            "bad_client_hello",
-        ),
-        (b"\x16\x03\x01\x00\x00", "granted.test", False, 443, "bad_client_hello"),  # empty record
-        (records(hello_message([sni_ext(b"granted.test")]))[:15], "granted.test", False, 443, "need_more"),
-        (
-            records(hello_message([sni_ext(b"granted.test")]))[:5] + b"\x02\x00\x00\x10",
-            "granted.test",
-            False,
-            443,
-            "bad_client_hello",
-        ),  # refused from a partial record already
-        (
-            b"\x16\x03\x03\x00\x04\x01\x00\x00\x64" + b"\x17\x03\x03\x00\x01\x00",
-            "granted.test",
-            False,
-            443,
-            "bad_client_hello",
-        ),  # a record of another type inside the hello
-        (
-            b"\x16\x03\x03\x00\x05\x01\x00\x00\x01\x00",
-            "granted.test",
-            False,
-            443,
-            "bad_client_hello",
-        ),  # truncated
-    ],
-)
+@pytest.mark.parametrize(("data", "host", "is_ip", "port", "verdict"), [
+    (hello(b"granted.test"), "granted.test", False, 443, "forward"),
+    (hello(b"GRANTED.Test."), "granted.test", False, 443, "forward"),  # case and trailing dot
+    (hello(b"other.test"), "granted.test", False, 443, "sni_mismatch"),
+    (hello(b"granted.test.evil"), "granted.test", False, 8443, "sni_mismatch"),
+    (hello(b"sub.granted.test"), "granted.test", False, 443, "sni_mismatch"),
+    (hello(), "granted.test", False, 443, "sni_missing"),  # a name must be named
+    (records(hello_message(None)), "granted.test", False, 443, "sni_missing"),
+    (hello(), "127.0.0.1", True, 443, "forward"),  # IP-literal CONNECT: no SNI is normal
+    (hello(b"granted.test"), "127.0.0.1", True, 443, "sni_mismatch"),  # ...but no other name
+    (hello(b"127.0.0.1"), "127.0.0.1", True, 443, "forward"),  # not valid SNI, but names the same host
+    (hello(b"127.0.0.1"), "granted.test", False, 443, "sni_mismatch"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "granted.test", False, 443, "not_tls"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "granted.test", False, 80, "forward"),  # plain protocols elsewhere
+    (b"\x80\x2e\x01\x03\x01", "granted.test", False, 443, "not_tls"),  # SSLv2-style hello
+    (records(hello_message([sni_ext(b"granted.test"), (0xFE0D, b"\x00" * 8)])), "granted.test", False, 443,
+     "sni_hidden"),  # ECH would hide the real name
+    (records(hello_message([sni_ext(b"granted.test"), (0xFFCE, b"\x00")])), "granted.test", False, 443,
+     "sni_hidden"),
+    (records(hello_message([sni_ext(b"granted.test"), sni_ext(b"other.test")])), "granted.test", False, 443,
+     "bad_client_hello"),  # repeated extension
+    (hello(b"granted.test", b"other.test"), "granted.test", False, 443, "bad_client_hello"),  # two names
+    (records(hello_message([sni_ext(b"granted.test", kind=1)])), "granted.test", False, 443,
+     "bad_client_hello"),
+    (records(hello_message([sni_ext("grä.test".encode())])), "xn--gr-via.test", False, 443,
+     "bad_client_hello"),  # not ASCII
+    (records(hello_message([sni_ext(b"a b.test")])), "granted.test", False, 443, "bad_client_hello"),
+    (records(hello_message([sni_ext(b"granted.test")], msg_type=2)), "granted.test", False, 443,
+     "bad_client_hello"),  # a ServerHello
+    (records(hello_message([sni_ext(b"granted.test")]), version=b"\x02\x00"), "granted.test", False, 443,
+     "bad_client_hello"),
+    (b"\x16\x03\x01\x00\x00", "granted.test", False, 443, "bad_client_hello"),  # empty record
+    (records(hello_message([sni_ext(b"granted.test")]))[:15], "granted.test", False, 443, "need_more"),
+    (records(hello_message([sni_ext(b"granted.test")]))[:5] + b"\x02\x00\x00\x10", "granted.test", False, 443,
+     "bad_client_hello"),  # refused from a partial record already
+    (b"\x16\x03\x03\x00\x04\x01\x00\x00\x64" + b"\x17\x03\x03\x00\x01\x00", "granted.test", False, 443,
+     "bad_client_hello"),  # a record of another type inside the hello
+    (b"\x16\x03\x03\x00\x05\x01\x00\x00\x01\x00", "granted.test", False, 443, "bad_client_hello"),  # truncated
+])
 def test_first_flight_rules(data: bytes, host: str, is_ip: bool, port: int, verdict: str) -> None:
     try:
         got = check_first_flight(data, host, is_ip, port).value
@@ -245,48 +180,29 @@ def test_parser_never_crashes_on_arbitrary_tls_looking_bytes(tail: bytes) -> Non
         assert result is None or isinstance(result, ClientHello)
 
 
-@pytest.mark.parametrize(
-    ("host", "port", "target"),
-    [
-        ("granted.test", 443, "granted.test:443"),
-        ("GRANTED.Test.", 443, "granted.test:443"),
-        ("127.0.0.1", 8080, "127.0.0.1:8080"),
-        ("::1", 80, "[::1]:80"),
-        ("[::1]", 80, "[::1]:80"),
-        ("::ffff:127.0.0.1", 80, "127.0.0.1:80"),
-    ],
-)
+@pytest.mark.parametrize(("host", "port", "target"), [
+    ("granted.test", 443, "granted.test:443"),
+    ("GRANTED.Test.", 443, "granted.test:443"),
+    ("127.0.0.1", 8080, "127.0.0.1:8080"),
+    ("::1", 80, "[::1]:80"),
+    ("[::1]", 80, "[::1]:80"),
+    ("::ffff:127.0.0.1", 80, "127.0.0.1:80"),
+])
 def test_tunnel_destination_normalises(host: str, port: int, target: str) -> None:
     assert tunnel_destination(host, port).target == target
 
 
-@pytest.mark.parametrize(
-    ("host", "port"),
-    [
-        ("a/b", 443),
-        ("user@host", 443),
-        ("host:80", 443),
-        ("", 443),
-        ("0x7f.1", 443),
-        ("127.1", 443),
-        ("fe80::1%eth0", 443),
-        ("a b", 443),
-        ("host", 0),
-        ("host", 65536),
-        ("host", True),
-        ("host", "443"),
-        (5, 443),
-        ("http://host", 443),
-        ("-" * 300, 443),
-    ],
-)
+@pytest.mark.parametrize(("host", "port"), [
+    ("a/b", 443), ("user@host", 443), ("host:80", 443), ("", 443), ("0x7f.1", 443), ("127.1", 443),
+    ("fe80::1%eth0", 443), ("a b", 443), ("host", 0), ("host", 65536), ("host", True), ("host", "443"),
+    (5, 443), ("http://host", 443), ("-" * 300, 443),
+])
 def test_tunnel_destination_refuses(host: Any, port: Any) -> None:
     with pytest.raises(InvalidRequest):
         tunnel_destination(host, port)
 
 
 # --- through a real broker ------------------------------------------------------------------------
-
 
 def write_network_grant(ws: Workspace, component: str, entry: dict[str, Any] | None) -> None:
     """Set (or with None remove) the component's network grant entry."""
@@ -299,12 +215,8 @@ def write_network_grant(ws: Workspace, component: str, entry: dict[str, Any] | N
     path.write_text(json.dumps(data))
 
 
-async def network_events(
-    ws: Workspace,
-    expect: int,
-    timeout: float = 6.0,
-    until: Callable[[list[dict[str, Any]]], bool] | None = None,
-) -> list[dict[str, Any]]:
+async def network_events(ws: Workspace, expect: int, timeout: float = 6.0,
+                         until: Callable[[list[dict[str, Any]]], bool] | None = None) -> list[dict[str, Any]]:
     """The stream's `network` events once at least `expect` are there and `until(events)` holds."""
     from broker.audit.trail import read_events
     from broker.bus.server import connect
@@ -313,11 +225,8 @@ async def network_events(
     try:
         deadline = time.monotonic() + timeout
         while True:
-            events = [
-                e
-                async for e in read_events(nc, follow=False, pack=None, decision=None)
-                if e["capability"] == "network"
-            ]
+            events = [e async for e in read_events(nc, follow=False, pack=None, decision=None)
+                      if e["capability"] == "network"]
             done = len(events) >= expect and (until is None or until(events))
             if done or time.monotonic() > deadline:
                 return events
@@ -363,16 +272,13 @@ async def broker_and_pack(ws: Workspace, pack_id: str = "default") -> AsyncItera
         yield broker, pack
 
 
-async def wait_for_grant(
-    broker: Any, component: str, check: Callable[[dict[str, Any] | None], bool], timeout: float = 10.0
-) -> None:
+async def wait_for_grant(broker: Any, component: str, check: Callable[[dict[str, Any] | None], bool],
+                         timeout: float = 10.0) -> None:
     """Wait until the broker's policy (it polls grant files every 0.2 s) shows a grant `check` accepts."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            grant: dict[str, Any] | None = broker._policy.decide(
-                component.split(":")[0], component, "network"
-            ).grant
+            grant: dict[str, Any] | None = broker._policy.decide(component.split(":")[0], component, "network").grant
         except Denied:
             grant = None
         if check(grant):
@@ -384,35 +290,23 @@ async def wait_for_grant(
 @pytest.mark.anyio
 async def test_tunnel_echo_one_decision_and_one_outcome(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port], "plaintext_tunnel": True},
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                 "plaintext_tunnel": True})
         async with broker_and_pack(ws) as (_, pack):
             ctx = pack.context()
             opened = await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port})
             tid = opened["tunnel"]
             for i in range(5):
                 chunk = f"chunk-{i}-secret-body".encode()
-                assert await ctx.request("network", {"op": "send", "tunnel": tid, "data": chunk}) == {
-                    "held": 0,
-                    "closed": False,
-                }
+                assert await ctx.request("network", {"op": "send", "tunnel": tid, "data": chunk}) == {"held": 0, "closed": False}
                 got = b""
                 while len(got) < len(chunk):
-                    r = await ctx.request(
-                        "network", {"op": "recv", "tunnel": tid, "max_bytes": 4096, "wait": 2}
-                    )
+                    r = await ctx.request("network", {"op": "recv", "tunnel": tid, "max_bytes": 4096, "wait": 2})
                     assert r["eof"] is False
                     got += r["data"]
                 assert got == chunk
             # Nothing waiting: a long-poll returns empty, not an error.
-            assert await ctx.request("network", {"op": "recv", "tunnel": tid, "wait": 0.2}) == {
-                "data": b"",
-                "eof": False,
-                "closed": False,
-            }
+            assert await ctx.request("network", {"op": "recv", "tunnel": tid, "wait": 0.2}) == {"data": b"", "eof": False, "closed": False}
             assert await ctx.request("network", {"op": "close", "tunnel": tid}) == {}
             with pytest.raises(BrokerError) as gone:
                 await ctx.request("network", {"op": "recv", "tunnel": tid})
@@ -429,11 +323,7 @@ async def test_tunnel_echo_one_decision_and_one_outcome(ws: Workspace, nats_serv
     assert extra["tunnel"] == tid and extra["reason"] == "closed"
     assert extra["bytes_up"] == sent and extra["bytes_down"] == sent and extra["duration_ms"] > 0
     # The only other event is the error of the recv on the closed tunnel: no per-chunk events.
-    assert (
-        late["decision"] == "error"
-        and late["code"] == "invalid_request"
-        and late["target"] == f"tunnel {tid}"
-    )
+    assert late["decision"] == "error" and late["code"] == "invalid_request" and late["target"] == f"tunnel {tid}"
     assert len(events) == 3
     assert "secret-body" not in json.dumps(events)
 
@@ -441,16 +331,11 @@ async def test_tunnel_echo_one_decision_and_one_outcome(ws: Workspace, nats_serv
 @pytest.mark.anyio
 async def test_eof_both_ways_closes_the_tunnel_by_itself(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port], "plaintext_tunnel": True},
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                 "plaintext_tunnel": True})
         async with broker_and_pack(ws) as (_, pack):
             ctx = pack.context()
-            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))[
-                "tunnel"
-            ]
+            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))["tunnel"]
             await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"bye", "eof": True})
             with pytest.raises(BrokerError):  # the sending side is shut
                 await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"more"})
@@ -478,9 +363,7 @@ async def test_a_pack_cannot_use_another_packs_tunnel(ws: Workspace, nats_server
             write_network_grant(ws, component, grant)
         async with running_broker(ws), connected_pack(ws) as pack, connected_pack(ws, "other") as other:
             ctx = pack.context()
-            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))[
-                "tunnel"
-            ]
+            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))["tunnel"]
             for op in ({"op": "send", "data": b"x"}, {"op": "recv", "wait": 0}, {"op": "close"}):
                 with pytest.raises(BrokerError) as theirs:
                     await other.context().request("network", {**op, "tunnel": tid})
@@ -499,26 +382,16 @@ async def test_a_pack_cannot_use_another_packs_tunnel(ws: Workspace, nats_server
 @pytest.mark.anyio
 async def test_narrowed_grant_closes_the_tunnel_at_its_next_op(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port], "plaintext_tunnel": True},
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                 "plaintext_tunnel": True})
         async with broker_and_pack(ws) as (broker, pack):
             ctx = pack.context()
-            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))[
-                "tunnel"
-            ]
+            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))["tunnel"]
             await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"before"})
             other_port = echo.port + 1 if echo.port < 65535 else 1
-            write_network_grant(
-                ws,
-                PACK_COMPONENT,
-                {"allowed_domains": ["127.0.0.1"], "allowed_ports": [other_port], "plaintext_tunnel": True},
-            )
-            await wait_for_grant(
-                broker, PACK_COMPONENT, lambda g: g is not None and g["allowed_ports"] == [other_port]
-            )
+            write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [other_port],
+                                                     "plaintext_tunnel": True})
+            await wait_for_grant(broker, PACK_COMPONENT, lambda g: g is not None and g["allowed_ports"] == [other_port])
             with pytest.raises(PermissionDenied) as denied:
                 await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"after"})
             assert "no longer covers" in denied.value.message
@@ -532,25 +405,13 @@ async def test_narrowed_grant_closes_the_tunnel_at_its_next_op(ws: Workspace, na
 
 
 @pytest.mark.anyio
-async def test_revoked_grant_fails_the_next_op_and_the_tunnel_closes(
-    ws: Workspace, nats_server: object
-) -> None:
+async def test_revoked_grant_fails_the_next_op_and_the_tunnel_closes(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {
-                "allowed_domains": ["127.0.0.1"],
-                "allowed_ports": [echo.port],
-                "plaintext_tunnel": True,
-                "tunnel_idle_timeout": 1.5,
-            },
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                 "plaintext_tunnel": True, "tunnel_idle_timeout": 1.5})
         async with broker_and_pack(ws) as (broker, pack):
             ctx = pack.context()
-            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))[
-                "tunnel"
-            ]
+            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))["tunnel"]
             await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"before"})
             write_network_grant(ws, PACK_COMPONENT, None)  # `rumi revoke default:pack:_ network`
             await wait_for_grant(broker, PACK_COMPONENT, lambda g: g is None)
@@ -570,18 +431,10 @@ async def test_revoked_grant_fails_the_next_op_and_the_tunnel_closes(
 @pytest.mark.anyio
 async def test_caps_on_tunnels_bytes_and_idle_time(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {
-                "allowed_domains": ["127.0.0.1"],
-                "allowed_ports": [echo.port],
-                "plaintext_tunnel": True,
-                "max_tunnels": 2,
-                "max_tunnel_bytes": 20,
-                "tunnel_idle_timeout": 1.0,
-            },
-        )
+        write_network_grant(ws, PACK_COMPONENT, {
+            "allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port], "plaintext_tunnel": True,
+            "max_tunnels": 2, "max_tunnel_bytes": 20, "tunnel_idle_timeout": 1.0,
+        })
         async with broker_and_pack(ws) as (_, pack):
             ctx = pack.context()
             open_args = {"op": "open", "host": "127.0.0.1", "port": echo.port}
@@ -594,9 +447,7 @@ async def test_caps_on_tunnels_bytes_and_idle_time(ws: Workspace, nats_server: o
             third = (await ctx.request("network", open_args))["tunnel"]
             # 8 up + 8 down = 16 of 20 bytes; 5 more would pass the cap.
             await ctx.request("network", {"op": "send", "tunnel": first, "data": b"12345678"})
-            assert (await ctx.request("network", {"op": "recv", "tunnel": first, "wait": 2}))[
-                "data"
-            ] == b"12345678"
+            assert (await ctx.request("network", {"op": "recv", "tunnel": first, "wait": 2}))["data"] == b"12345678"
             with pytest.raises(BrokerError) as cap:
                 await ctx.request("network", {"op": "send", "tunnel": first, "data": b"12345"})
             assert cap.value.code == "too_large"
@@ -610,20 +461,14 @@ async def test_caps_on_tunnels_bytes_and_idle_time(ws: Workspace, nats_server: o
                     break
                 assert time.monotonic() < deadline, "idle tunnel was not closed"
         events = await network_events(ws, 10)
-    reasons = sorted(
-        e["extra"]["reason"] for e in events if e["phase"] == "outcome" and e["decision"] == "allow"
-    )
+    reasons = sorted(e["extra"]["reason"] for e in events if e["phase"] == "outcome" and e["decision"] == "allow")
     assert reasons == ["byte_cap", "closed", "idle"]
 
 
 @pytest.mark.anyio
-async def test_a_tunnel_to_another_port_than_443_needs_plaintext_tunnel(
-    ws: Workspace, nats_server: object
-) -> None:
+async def test_a_tunnel_to_another_port_than_443_needs_plaintext_tunnel(ws: Workspace, nats_server: object) -> None:
     async with EchoServer() as echo:
-        write_network_grant(
-            ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]}
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]})
         async with broker_and_pack(ws) as (broker, pack):
             ctx = pack.context()
             with pytest.raises(PermissionDenied) as refused:
@@ -635,24 +480,13 @@ async def test_a_tunnel_to_another_port_than_443_needs_plaintext_tunnel(
                 await ctx.request("network", {"method": "GET", "url": f"http://127.0.0.1:{echo.port}/"})
             assert fetched.value.code != "permission_denied"
             # Granted: it opens; the flag taken away again closes it at its next op.
-            write_network_grant(
-                ws,
-                PACK_COMPONENT,
-                {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port], "plaintext_tunnel": True},
-            )
-            await wait_for_grant(
-                broker, PACK_COMPONENT, lambda g: g is not None and g["plaintext_tunnel"] is True
-            )
-            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))[
-                "tunnel"
-            ]
+            write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port],
+                                                     "plaintext_tunnel": True})
+            await wait_for_grant(broker, PACK_COMPONENT, lambda g: g is not None and g["plaintext_tunnel"] is True)
+            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": echo.port}))["tunnel"]
             await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"plain"})
-            write_network_grant(
-                ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]}
-            )
-            await wait_for_grant(
-                broker, PACK_COMPONENT, lambda g: g is not None and g["plaintext_tunnel"] is False
-            )
+            write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [echo.port]})
+            await wait_for_grant(broker, PACK_COMPONENT, lambda g: g is not None and g["plaintext_tunnel"] is False)
             with pytest.raises(PermissionDenied) as narrowed:
                 await ctx.request("network", {"op": "send", "tunnel": tid, "data": b"more"})
             assert "no longer covers" in narrowed.value.message
@@ -662,14 +496,8 @@ async def test_a_tunnel_to_another_port_than_443_needs_plaintext_tunnel(
     assert refusals[0]["code"] == "permission_denied" and refusals[0]["target"] == f"127.0.0.1:{echo.port}"
     assert echo.connections == 2  # the fetch, and the granted tunnel
     assert echo.received.endswith(b"plain")
-    closes = [
-        e
-        for e in events
-        if e["phase"] == "outcome"
-        and e["decision"] == "allow"
-        and "extra" in e
-        and "tunnel" in (e["extra"] or {})
-    ]
+    closes = [e for e in events if e["phase"] == "outcome" and e["decision"] == "allow" and "extra" in e
+              and "tunnel" in (e["extra"] or {})]
     assert [e["extra"]["reason"] for e in closes] == ["revoked"]
 
 
@@ -703,21 +531,14 @@ async def test_sni_mismatch_is_refused_before_the_server_sees_a_handshake(
     pki = make_pki(tmp_path / "pki", ["granted.test"], ["127.0.0.1"])
     server = TestServer("127.0.0.1", pki=pki)
     try:
-        write_network_grant(
-            ws,
-            PACK_COMPONENT,
-            {"allowed_domains": ["127.0.0.1"], "allowed_ports": [server.port], "plaintext_tunnel": True},
-        )
+        write_network_grant(ws, PACK_COMPONENT, {"allowed_domains": ["127.0.0.1"], "allowed_ports": [server.port],
+                                                 "plaintext_tunnel": True})
         async with broker_and_pack(ws) as (_, pack):
             ctx = pack.context()
-            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": server.port}))[
-                "tunnel"
-            ]
+            tid = (await ctx.request("network", {"op": "open", "host": "127.0.0.1", "port": server.port}))["tunnel"]
             flight = real_client_hello("evil.test")
             # Fragmented delivery: the first part is held, the rest decides.
-            assert (await ctx.request("network", {"op": "send", "tunnel": tid, "data": flight[:7]}))[
-                "held"
-            ] == 7
+            assert (await ctx.request("network", {"op": "send", "tunnel": tid, "data": flight[:7]}))["held"] == 7
             with pytest.raises(PermissionDenied) as refused:
                 await ctx.request("network", {"op": "send", "tunnel": tid, "data": flight[7:]})
             assert "evil.test does not match the tunnel host 127.0.0.1" in refused.value.message
@@ -737,7 +558,6 @@ async def test_sni_mismatch_is_refused_before_the_server_sees_a_handshake(
 
 # --- names and refused addresses, inside a namespace ----------------------------------------------
 
-
 async def scenario_open_by_name(payload: dict[str, Any]) -> dict[str, Any]:
     """The handler called directly (hand-built context, scripted resolver), no broker needed."""
     import broker.backends.tunnels as tunnels
@@ -747,14 +567,10 @@ async def scenario_open_by_name(payload: dict[str, Any]) -> dict[str, Any]:
     handler = load_network_handler()
     public = TestServer(PUBLIC_TEST_ADDRESS)
     trap = Listener("127.0.0.1", public.port)
-    resolver = ScriptedResolver(
-        {
-            "granted.test": [[PUBLIC_TEST_ADDRESS]],
-            "loop.test": [["127.0.0.1"]],
-            "meta.test": [["169.254.169.254"]],
-            "rebind.test": [[PUBLIC_TEST_ADDRESS], ["127.0.0.1"]],
-        }
-    )
+    resolver = ScriptedResolver({
+        "granted.test": [[PUBLIC_TEST_ADDRESS]], "loop.test": [["127.0.0.1"]],
+        "meta.test": [["169.254.169.254"]], "rebind.test": [[PUBLIC_TEST_ADDRESS], ["127.0.0.1"]],
+    })
     recorded: list[list[Any]] = []
 
     async def record_outcome(request_id: str, target: str, fields: dict[str, Any]) -> None:
@@ -762,21 +578,10 @@ async def scenario_open_by_name(payload: dict[str, Any]) -> dict[str, Any]:
 
     async def call(args: dict[str, Any], grant: dict[str, Any] | None = None) -> dict[str, Any]:
         context = {
-            "pack_id": "p",
-            "component_id": "p:pack:_",
-            "request_id": f"r-{len(recorded)}-{args.get('op')}",
-            "grant": {
-                **scope_defaults(),
-                "enabled": True,
-                "allowed_domains": ["*.test"],
-                "allowed_ports": [public.port],
-                "plaintext_tunnel": True,
-                **(grant or {}),
-            },
-            "limits": {"timeout": 30},
-            "audit": {},
-            "egress_resolver": resolver,
-            "record_outcome": record_outcome,
+            "pack_id": "p", "component_id": "p:pack:_", "request_id": f"r-{len(recorded)}-{args.get('op')}",
+            "grant": {**scope_defaults(), "enabled": True, "allowed_domains": ["*.test"],
+                      "allowed_ports": [public.port], "plaintext_tunnel": True, **(grant or {})},
+            "limits": {"timeout": 30}, "audit": {}, "egress_resolver": resolver, "record_outcome": record_outcome,
         }
         try:
             return {"ok": True, "data": (await handler.execute(context, args))["data"]}
@@ -787,12 +592,10 @@ async def scenario_open_by_name(payload: dict[str, Any]) -> dict[str, Any]:
     for name in ("loop.test", "meta.test", "granted.test", "rebind.test"):
         out[name] = await call({"op": "open", "host": name, "port": public.port})
     out["port"] = await call({"op": "open", "host": "granted.test", "port": public.port + 1})
-    out["no_plaintext"] = await call(
-        {"op": "open", "host": "granted.test", "port": public.port}, {"plaintext_tunnel": False}
-    )
-    out["metadata_literal"] = await call(
-        {"op": "open", "host": "169.254.169.254", "port": public.port}, {"allowed_domains": ["*"]}
-    )
+    out["no_plaintext"] = await call({"op": "open", "host": "granted.test", "port": public.port},
+                                     {"plaintext_tunnel": False})
+    out["metadata_literal"] = await call({"op": "open", "host": "169.254.169.254", "port": public.port},
+                                         {"allowed_domains": ["*"]})
     tid = out["granted.test"]["data"]["tunnel"]
     request = f"GET /ok HTTP/1.1\r\nHost: granted.test:{public.port}\r\nConnection: close\r\n\r\n".encode()
     out["send"] = await call({"op": "send", "tunnel": tid, "data": request, "eof": False})
@@ -831,10 +634,8 @@ def test_open_by_name_uses_one_vetted_resolution() -> None:
     assert out["rebind.test"]["ok"]
     assert out["resolver_calls"] == ["loop.test", "meta.test", "granted.test", "rebind.test"]
     assert out["trap_connections"] == 0 and out["public_connections"] == 2
-    assert [(r[1].split(":")[0], r[2]) for r in out["recorded"]] == [
-        ("granted.test", "closed"),
-        ("rebind.test", "closed"),
-    ]
+    assert [(r[1].split(":")[0], r[2]) for r in out["recorded"]] == [("granted.test", "closed"),
+                                                                      ("rebind.test", "closed")]
     assert out["recorded"][0][3] > 0 and out["recorded"][0][4] > 0  # bytes up and down
     assert out["open_tunnels"] == 0
 
@@ -853,29 +654,17 @@ async def test_revocation_recheck_hook_closes_an_idle_tunnel() -> None:
         recorded.append((request_id, fields["reason"]))
 
     async with EchoServer() as echo:
-        grant = {
-            **scope_defaults(),
-            "enabled": True,
-            "allowed_domains": ["127.0.0.1"],
-            "allowed_ports": [echo.port],
-            "plaintext_tunnel": True,
-        }
+        grant = {**scope_defaults(), "enabled": True, "allowed_domains": ["127.0.0.1"],
+                 "allowed_ports": [echo.port], "plaintext_tunnel": True}
 
         def current_grant() -> dict[str, Any]:
             if not granted["enabled"]:
                 raise Denied("component default:pack:_ has no grant for network")
             return grant
 
-        context = {
-            "pack_id": "default",
-            "component_id": PACK_COMPONENT,
-            "request_id": "open-1",
-            "grant": grant,
-            "limits": {"timeout": 30},
-            "audit": {},
-            "record_outcome": record_outcome,
-            "current_grant": current_grant,
-        }
+        context = {"pack_id": "default", "component_id": PACK_COMPONENT, "request_id": "open-1", "grant": grant,
+                   "limits": {"timeout": 30}, "audit": {}, "record_outcome": record_outcome,
+                   "current_grant": current_grant}
         opened = await handler.execute(context, {"op": "open", "host": "127.0.0.1", "port": echo.port})
         tid = opened["data"]["tunnel"]
         await anyio.sleep(1.6)

@@ -35,9 +35,7 @@ async def reads(ws: Workspace, pack_id: str, component: str, key: str, n: int) -
     from broker.bus.server import nats_url
     from pack_runtime import Pack
 
-    pack = Pack(
-        pack_id, nats_url=nats_url(ws), creds=str(pack_identity(ws, pack_id).seed_path), request_timeout=5
-    )
+    pack = Pack(pack_id, nats_url=nats_url(ws), creds=str(pack_identity(ws, pack_id).seed_path), request_timeout=5)
     nc = await pack.connect()
     codes = []
     try:

@@ -67,7 +67,7 @@ async def test_request_reply_with_the_server_stamped_account(ws: Workspace, nats
 
 
 async def test_queued_messages_large_payloads_and_the_pending_limit(
-    ws: Workspace, nats_server: object
+    ws: Workspace, nats_server: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     conn = await wire_connect(ws, "broker", name="test-wire")
     try:
@@ -81,7 +81,9 @@ async def test_queued_messages_large_payloads_and_the_pending_limit(
         async with asyncio.timeout(5):  # all six delivered: three queued, the rest dropped
             while sub.pending + sub.dropped < 6:
                 await asyncio.sleep(0.01)
-        assert sub.pending == 3 and sub.dropped == 3  # past the limit of 3: dropped, counted, never buffered
+        assert sub.pending == 3 and sub.dropped == 3
+        dropped_lines = [r.getMessage() for r in caplog.records if "dropped so far" in r.getMessage()]
+        assert len(dropped_lines) == 1 and "more than 3 messages" in dropped_lines[0]  # said once, not per drop  # past the limit of 3: dropped, counted, never buffered
         got: list[bytes] = []
         async with asyncio.timeout(5):
             async for msg in sub.messages:

@@ -329,6 +329,7 @@ class AuditWriter:
         # A JetStream context (its connection is used) or a connection (nats-py or broker.bus.wire).
         self._nc = getattr(js, "_nc", js)
         self._publish_nowait = getattr(self._nc, "publish_nowait", None)
+        self._flush_now = getattr(self._nc, "flush_now", None)
         self.chain = chain
         self.timeout = timeout
         self.retry_delay = retry_delay
@@ -504,9 +505,8 @@ class AuditWriter:
             await self._send(
                 _Waiter(subject, payload, self.stored_msg_id(msg_id, event), event, caller, deadline)
             )
-        flush_now = getattr(self._nc, "flush_now", None)
-        if flush_now is not None:
-            flush_now()  # the batch leaves now, not after everything else this turn of the loop runs
+        if self._flush_now is not None:
+            self._flush_now()  # the batch leaves now, not after everything else this turn of the loop runs
 
     async def _send(self, waiter: _Waiter) -> None:
         self._next += 1

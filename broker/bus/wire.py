@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import secrets
@@ -76,12 +75,18 @@ def parse_headers(raw: bytes) -> dict[str, str]:
     return out
 
 
+_CHECKED_NAMES: set[str] = set()  # header names already found valid (the writer uses two, on every event)
+
+
 def _header_block(headers: dict[str, str]) -> bytes:
     parts = [_HDR_LINE, _CRLF]
     for key, value in headers.items():
         name = key.strip()
-        if not name or any(c.isspace() or c == ":" for c in name):
-            raise WireError(f"invalid header name {key!r}")
+        if name not in _CHECKED_NAMES:
+            if not name or any(c.isspace() or c == ":" for c in name):
+                raise WireError(f"invalid header name {key!r}")
+            if len(_CHECKED_NAMES) < 256:
+                _CHECKED_NAMES.add(name)
         # A value can never end the header line early: CR and LF are dropped (as nats-py does).
         parts += [name.encode(), b": ", value.strip().replace("\r", "").replace("\n", "").encode(), _CRLF]
     parts.append(_CRLF)
@@ -152,6 +157,11 @@ class WireSubscription:
         size = len(msg.data)
         if len(self._pending) >= self._msgs_limit or self._pending_bytes + size > self._bytes_limit:
             self.dropped += 1
+            if self.dropped % 10_000 == 1:
+                log.warning(
+                    "%s: %d message(s) on %s dropped so far: more than %d messages or %d bytes were waiting",
+                    self._conn.name, self.dropped, self.subject, self._msgs_limit, self._bytes_limit,
+                )  # fmt: skip
             return
         self._pending.append(msg)
         self._pending_bytes += size
@@ -624,18 +634,3 @@ class WireConnection(asyncio.Protocol):
         self.last_error = f"NATS protocol error: {what}"
         self._buf, self._msg_head = b"", None
         self._drop()
-
-    def eof_received(self) -> bool | None:
-        return None
-
-
-@contextlib.asynccontextmanager
-async def opened(
-    url: str, seed_path: str | Path | None, *, name: str, **kwargs: Any
-) -> AsyncIterator[WireConnection]:
-    """`WireConnection.open(...)`, closed on exit."""
-    conn = await WireConnection.open(url, seed_path, name=name, **kwargs)
-    try:
-        yield conn
-    finally:
-        await conn.close()

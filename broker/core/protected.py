@@ -712,6 +712,7 @@ class ProtectedSet:
         states = self._states()
         st = os.fstat(fd)
         self._refuse_object(states, st)
+        root_st: os.stat_result | None = None
         if parent_fd is None:
             if not stat.S_ISDIR(st.st_mode):
                 raise Denied("cannot check a file without its directory")
@@ -722,9 +723,8 @@ class ProtectedSet:
             if name is not None and any(s.refuses_name(start_id, name, self._view) for s in states):
                 raise Denied("path is protected")
             if parent_fd == root_fd:  # the object lies directly in its grant root: one fstat serves both
-                self._walk_from(states, start, start_id, stop_at, root_fd, parent_st)
-                return
-        self._walk_from(states, start, start_id, stop_at, root_fd)
+                root_st = parent_st
+        self._walk_from(states, start, start_id, stop_at, root_fd, root_st)
 
     def check_entry(
         self,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ from broker.admin.init import init_workspace
 from broker.core.net import free_port
 from broker.core.workspace import Workspace
 from tests._handlers import load_handler
+from tests._skip import skip_unless_ci
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
@@ -90,9 +90,7 @@ def docker_engine(timeout: int = 60) -> Any:
     try:
         return docker_client(timeout)
     except EngineUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+        skip_unless_ci(str(exc))
 
 
 def say(pytestconfig: pytest.Config, text: str) -> None:

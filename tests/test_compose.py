@@ -33,6 +33,7 @@ from broker.core.errors import WorkspaceError
 from broker.core.labels import LABEL_PREFIX, workspace_tag
 from broker.core.net import free_port
 from broker.core.workspace import RumiConfig, Workspace
+from tests._skip import skip_unless_ci
 
 from .conftest import docker_engine, say
 
@@ -422,9 +423,7 @@ def _compose_binary() -> str:
     found = shutil.which("docker-compose")
     if found is None:
         message = "docker-compose is not installed (Debian: apt-get install -y docker-compose)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_unless_ci(message)
     return found
 
 

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests._skip import skip_unless_ci
+
 ROWS = {
     "write a file in its sandbox": "allowed",
     "read /etc/passwd": "denied",
@@ -57,7 +59,7 @@ def test_local_demo(tmp_path: object) -> None:
 @pytest.mark.docker
 def test_container_demo(tmp_path: object) -> None:
     if os.geteuid() != 0:
-        pytest.skip("rumi up needs root (host firewall rules)")
+        skip_unless_ci("rumi up needs root (host firewall rules)")
     stdout = run_demo("--root", str(tmp_path))
     assert_table(stdout)
     assert "rumi-pack-default healthy" in stdout

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from broker.core.workspace import Workspace
+from tests._skip import skip_unless_ci
 
 from .conftest import connected_pack, docker_engine, free_port, running_broker
 
@@ -32,7 +33,7 @@ def nats_container(ws: Workspace) -> Iterator[Any]:
     from broker.containers.images import build_nats_image
 
     if os.geteuid() != 0:
-        pytest.skip("the JetStream directory must be chowned to the image's uid: needs root")
+        skip_unless_ci("the JetStream directory must be chowned to the image's uid: needs root")
     client = docker_engine()
     image = build_nats_image(client, "rumi")
     runtime = DockerRuntime(ws, client=client)

@@ -32,6 +32,7 @@ from broker.containers.settings import pack_uid
 from broker.core.errors import WorkspaceError
 from broker.core.labels import LABEL_HASH, LABEL_KIND, LABEL_PREFIX
 from broker.core.workspace import Workspace
+from tests._skip import skip_unless_ci
 
 from .conftest import docker_engine, say
 
@@ -399,7 +400,7 @@ def _index_reachable() -> bool:
 def test_requirement_wheel_is_importable_offline(built: Built, tmp_path: Path,
                                                  pytestconfig: pytest.Config) -> None:
     if not _index_reachable():
-        pytest.skip("the package index is unreachable from this host (six==1.17.0 could not be downloaded)")
+        skip_unless_ci("the package index is unreachable from this host (six==1.17.0 could not be downloaded)")
     ws = built.ws
     _pack(ws, "withsix", requirements="six==1.17.0\n",
           code="import six, sys\nprint('six', six.__version__, six.__file__, sys.prefix)\n")

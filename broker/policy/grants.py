@@ -770,11 +770,13 @@ class GrantStore:
         from broker.core.notify import DirectoryNotifier  # asyncio and ctypes: not for `rumi grants`
 
         notifier = DirectoryNotifier(self.watched_directories() if rescan is not None else ())
-        wait = max(rescan, interval) if rescan is not None and notifier.available else interval
+        # With inotify, a change wakes the loop and `rescan` is the longest wait; without it (or once it
+        # fails: `available` turns False), poll every `interval`.
+        longest = max(rescan, interval) if rescan is not None else interval
         task_status.started()
         try:
             while True:
-                await notifier.wait(wait if notifier.available else interval)
+                await notifier.wait(longest if notifier.available else interval)
                 try:
                     changed: bool | None = await anyio.to_thread.run_sync(self.refresh)
                 except Exception as exc:  # a bug here must not stop revocations for good: keep polling

@@ -111,6 +111,7 @@ def test_network_config_errors(pool: str, plen: int, packs: list[str], message: 
     [
         ({"nano_cpus": 500_000_000}, {"cpus": 0.5}),
         ({"nano_cpus": 1_250_000_000}, {"cpus": 1.25}),
+        ({"cpu_period": 500_000, "cpu_quota": 250_000}, {"cpu_period": 500_000, "cpu_quota": 250_000}),
         ({"restart_policy": {"Name": "on-failure", "MaximumRetryCount": 5}}, {"restart": "on-failure:5"}),
         (
             {"restart_policy": {"Name": "unless-stopped", "MaximumRetryCount": 0}},
@@ -225,6 +226,8 @@ def test_rendered_pack_service_is_the_runtime_settings(ws: Workspace) -> None:
         "memswap_limit",
         "pids_limit",
         "cpu_shares",
+        "cpu_period",
+        "cpu_quota",
         "dns",
         "dns_opt",
         "dns_search",
@@ -233,7 +236,7 @@ def test_rendered_pack_service_is_the_runtime_settings(ws: Workspace) -> None:
     ):
         assert service[key] == settings[key], key
     assert service["cap_drop"] == ["ALL"] and service["read_only"] is True
-    assert service["cpus"] == settings["nano_cpus"] / 1e9
+    assert "cpus" not in service  # the limit is cpu_quota over cpu_period (settings.cpu_limits)
     assert service["ipc"] == settings["ipc_mode"]
     assert service["environment"] == settings["environment"]
     assert service["tmpfs"] == [f"{k}:{v}" for k, v in settings["tmpfs"].items()]
@@ -584,7 +587,8 @@ def test_seed_workflow_build_up_ps_logs_down(seed: Seed, pytestconfig: pytest.Co
     assert host["CapDrop"] == ["ALL"] and host["ReadonlyRootfs"] is True
     assert host["SecurityOpt"] == settings["security_opt"]
     assert host["Memory"] == host["MemorySwap"] == 128 * 1024 * 1024
-    assert host["NanoCpus"] == settings["nano_cpus"] and host["PidsLimit"] == settings["pids_limit"]
+    assert host["CpuPeriod"] == settings["cpu_period"] and host["CpuQuota"] == settings["cpu_quota"]
+    assert host["PidsLimit"] == settings["pids_limit"]
     assert host["Tmpfs"] == settings["tmpfs"] and host["Dns"] == settings["dns"]
     assert host["RestartPolicy"] == settings["restart_policy"]
     assert pack.attrs["Config"]["User"] == settings["user"]

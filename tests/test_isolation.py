@@ -149,6 +149,8 @@ class Deployment:
     nets: dict[str, PackNetwork]
     containers: dict[str, Any]
     cold_start: dict[str, float] = field(default_factory=dict)
+    # Docker's CPU throttling counters of each Pack's container once it said "ready" (its start-up).
+    start_throttling: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def exec_py(self, pack: str, code: str, *args: str, timeout_hint: float = 30) -> Any:
         """Run python3 code in the Pack's container (as the Pack's uid); return its JSON output."""
@@ -190,7 +192,11 @@ def deployment(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFac
         report = rt.up(["default", "other"], build=False, with_broker=False, health_timeout=60)
         nets = rt.pack_networks()
         containers = {p: rt.container_for(p) for p in ("default", "other")}
-        yield Deployment(client, ws, rt, nets, containers, {p.pack_id: p.seconds_to_healthy for p in report.packs})
+        throttling = {
+            p: c.stats(stream=False, one_shot=True)["cpu_stats"]["throttling_data"] for p, c in containers.items()
+        }
+        cold = {p.pack_id: p.seconds_to_healthy for p in report.packs}
+        yield Deployment(client, ws, rt, nets, containers, cold, throttling)
     except Exception:
         _say(pytestconfig, "\n".join(log[-30:]))
         raise
@@ -380,7 +386,8 @@ def test_pack_container_passes_docker_bench_runtime_checks(deployment: Deploymen
     assert not a["NetworkSettings"]["Ports"] and not hc.get("PortBindings")  # 5.7, 5.8, 5.13
     assert hc["NetworkMode"] == net.name and list(a["NetworkSettings"]["Networks"]) == [net.name]  # 5.9, 5.29
     assert hc["Memory"] > 0 and hc["MemorySwap"] == hc["Memory"]  # 5.10 (no extra swap)
-    assert hc["CpuShares"] > 0 and hc["NanoCpus"] > 0  # 5.11
+    # 5.11: shares, and a quota of 0.5 CPU over a period its start-up fits in (see the cold start test)
+    assert hc["CpuShares"] > 0 and hc["CpuQuota"] > 0 and hc["CpuQuota"] / hc["CpuPeriod"] == 0.5
     assert hc["ReadonlyRootfs"] is True  # 5.12
     assert hc["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 5}  # 5.14
     assert hc["PidMode"] in ("", "private")  # 5.15
@@ -639,6 +646,11 @@ def test_cold_start_is_reported(deployment: Deployment, pytestconfig: pytest.Con
     memory = {s.name: s.memory_bytes for s in samples}
     assert set(d.cold_start) == {"default", "other"}
     assert all(0 < t < 60 for t in d.cold_start.values())
+    # The CPU limit holds over a period long enough for the start-up: Python and the SDK ran without
+    # being throttled (over Docker's 100 ms period they were, ~90 ms of every cold start).
+    for pack, throttling in d.start_throttling.items():
+        assert throttling["periods"] > 0, (pack, throttling)  # the quota is in force
+        assert throttling["throttled_periods"] == 0, (pack, throttling)
     _say(
         pytestconfig,
         "\ncold start (create -> ready): "

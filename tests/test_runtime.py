@@ -179,6 +179,28 @@ def test_up_refuses_a_configured_nats_url(tmp_path: Path) -> None:
         rt.up(build=False)
 
 
+@pytest.mark.parametrize("cpus", [0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 4.0, 256.0])
+def test_cpu_limit_keeps_the_average_and_fits_the_start_up(cpus: float) -> None:
+    from broker.containers.settings import STARTUP_CPU_US, cpu_limits
+
+    limits = cpu_limits(cpus)
+    period, quota = limits["cpu_period"], limits["cpu_quota"]
+    assert 100_000 <= period <= 1_000_000  # Docker's default period .. the kernel's longest
+    assert quota / period == pytest.approx(cpus, rel=1e-3)  # the average is what was configured
+    # A start-up of STARTUP_CPU_US runs in one period wherever the longest period allows it.
+    assert quota >= STARTUP_CPU_US or period == 1_000_000
+
+
+@pytest.mark.parametrize("config", [{"cpus": 0}, {"cpus": -1}, {"packs": {"a": {"cpus": 0}}}, {"cpus": 1000}])
+def test_a_cpu_limit_that_would_mean_no_limit_is_refused(tmp_path: Path, config: dict[str, Any]) -> None:
+    ws = Workspace.at(tmp_path / "ws")
+    init_workspace(ws)
+    ws.config_file.write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["up", "--root", str(ws.root)])
+    assert result.exit_code != 0 and "cpus" in result.output and "Traceback" not in result.output
+    assert result.output.count("\n") == 1, result.output
+
+
 def test_doctor_without_workspace_fails_with_what_to_do(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["doctor", "--root", str(tmp_path / "nothing")])
     assert result.exit_code == 1

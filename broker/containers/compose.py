@@ -288,6 +288,8 @@ _TABLE: dict[str, _Convert | None] = {
     "memswap_limit": _same("memswap_limit"),
     "mem_reservation": _same("mem_reservation"),
     "nano_cpus": lambda n: ("cpus", round(int(n) / 1_000_000_000, 3)),
+    "cpu_period": _same("cpu_period"),
+    "cpu_quota": _same("cpu_quota"),
     "cpu_shares": _same("cpu_shares"),
     "pids_limit": _same("pids_limit"),
     "volumes": lambda v: ("volumes", _volumes(v)),

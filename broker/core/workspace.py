@@ -22,6 +22,8 @@ class AccountLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 # A wait between two looks at the grant files: 0 or less would spin.
 Interval = Annotated[float, msgspec.Meta(gt=0)]
+# A container's CPU limit in cores: 0 would mean "no limit" to Docker, so it is refused.
+Cpus = Annotated[float, msgspec.Meta(ge=0.01, le=256)]
 
 
 class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -42,7 +44,7 @@ class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class PackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     memory_limit: str | None = None
-    cpus: float | None = None
+    cpus: Cpus | None = None
 
 
 class RumiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -53,7 +55,7 @@ class RumiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nats_port: int = 4222
     jetstream_sync: str = "always"
     memory_limit: str = "128m"
-    cpus: float = 0.5
+    cpus: Cpus = 0.5
     pids_limit: int = 128
     allow_pull: bool = False
     network_pool: str = "10.213.0.0/16"

@@ -320,6 +320,10 @@ def main() -> None:
                 time.sleep(a.settle)
                 results["many_cpu_idle"], results["many_rumi_idle"] = cpu_both(runtime, a.idle)
         finally:
+            try:  # before --remove-images takes them away
+                results["sizes"] = _images.image_sizes(client, a.prefix)
+            except Exception as exc:  # the cleanup below still runs
+                say(f"could not read image sizes: {exc}")
             try:
                 rumi(ws.root, a.prefix, "down", timeout=600)
             finally:
@@ -331,14 +335,13 @@ def main() -> None:
                             say(f"could not remove {pack_image_tag(pack_id, a.prefix)}: {exc}")
                 if a.remove_images:
                     _images.remove_images(client, a.prefix)
-    results["sizes"] = _images.image_sizes(client, a.prefix)
     report(results, packs, many, a)
 
 
 def report(r: dict[str, Any], packs: int, many: int, a: argparse.Namespace) -> None:
     cold = r["cold"]
     say("")
-    say("images: " + ", ".join(f"{k} {v / MB:.1f} MB" for k, v in r["sizes"].items()))
+    say("images: " + ", ".join(f"{k} {v / MB:.1f} MB" for k, v in r.get("sizes", {}).items()))
     say(f"cold start, `rumi up PACK` (CLI process) → call answered: {pct(cold['cli'])}")
     say(f"   the CLI process alone: {pct(cold['cli_up'])}")
     say(f"cold start, DockerRuntime.up([PACK]) in process → call answered: {pct(cold['inproc'])}")

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import pytest
 
+from broker.containers.settings import cpu_limits
 from broker.core.net import free_port
 from broker.core.workspace import Workspace
 
@@ -134,7 +135,7 @@ class BrokerProcess:
 
 
 class PackCpuLimit:
-    """A cgroup (v1 cpu controller) with the CFS quota Docker gives a Pack container (`cpus`).
+    """A cgroup (v1 cpu controller) with the CFS quota and period a Pack container gets (`cpu_limits`).
 
     A Pack floods from inside its container, with its CPU limit: the flooding process gets the same
     limit here, so the test measures what a Pack can do to another, not what an unconfined host process
@@ -143,8 +144,9 @@ class PackCpuLimit:
 
     ROOT = Path("/sys/fs/cgroup/cpu")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, period_us: int, quota_us: int) -> None:
         self.path = path
+        self.period_ms, self.quota_ms = period_us // 1000, quota_us // 1000
 
     @classmethod
     def make(cls, cpus: float) -> PackCpuLimit | None:
@@ -153,13 +155,14 @@ class PackCpuLimit:
         path = cls.ROOT / f"rumi-test-flood-{os.getpid()}"
         try:
             path.mkdir(exist_ok=True)
-            (path / "cpu.cfs_period_us").write_text("100000")
-            (path / "cpu.cfs_quota_us").write_text(str(int(cpus * 100_000)))
+            limits = cpu_limits(cpus)  # what `rumi up` gives a Pack container
+            (path / "cpu.cfs_period_us").write_text(str(limits["cpu_period"]))
+            (path / "cpu.cfs_quota_us").write_text(str(limits["cpu_quota"]))
         except OSError:
             with contextlib.suppress(OSError):
                 path.rmdir()
             return None
-        return cls(path)
+        return cls(path, limits["cpu_period"], limits["cpu_quota"])
 
     def join(self) -> None:
         """In the child, before exec: move this process into the cgroup."""
@@ -266,7 +269,7 @@ async def test_a_flooding_pack_does_not_reach_another_pack(ws: Workspace, pytest
         f"max {max(loud['latencies'] or [0]) * 1000:.0f} ms; "
         f"attacker's audit events {growth} in {FLOOD_SECONDS:.0f} s ({growth / FLOOD_SECONDS:.1f}/s); "
         + (
-            f"the flooding process had a Pack's CPU limit ({cpus:g} CPU, CFS quota as Docker sets it)"
+            f"the flooding process had a Pack's CPU limit ({cpus:g} CPU: {limit.quota_ms} ms per {limit.period_ms} ms)"
             if limit
             else "the flooding process ran WITHOUT a CPU limit (no writable cgroup v1 cpu controller)"
         ),

@@ -61,6 +61,8 @@ _MAX_FIELD_ERRORS = 5
 # Every instance of a Pack takes calls in this queue group: while `rumi up` swaps an upgraded container
 # in, two serve and each call still runs once.
 CALL_QUEUE = "rumi-pack"
+# Seconds from "ready" to the first "alive"; the next waits double up to the heartbeat interval.
+FIRST_HEARTBEAT = 1.0
 # Seconds a stopping Pack gives the calls it already took before it cancels them (Docker's stop
 # timeout is 10 s).
 STOP_GRACE = 8.0
@@ -570,9 +572,16 @@ class Pack:
             scope.cancel()
 
     async def _heartbeat(self, nc: Client, ready_file: str | None) -> None:
-        """Every `heartbeat_interval` s: "alive" on the status subject, and a fresh ready file's mtime."""
+        """Every `heartbeat_interval` s: "alive" on the status subject, and a fresh ready file's mtime.
+
+        The first ones come sooner (1, 2, 4 s after "ready", then every interval): when this instance
+        replaces another, whose "stopping" is the last status readers stored, its own "alive" follows
+        within about a second instead of a whole interval (`rumi up` waits for it to retire the old one).
+        """
+        wait = min(FIRST_HEARTBEAT, self.heartbeat_interval)
         while True:
-            await anyio.sleep(self.heartbeat_interval)
+            await anyio.sleep(wait)
+            wait = min(2 * wait, self.heartbeat_interval)
             await self._publish_status(nc, "alive")
             if ready_file:
                 # The container's healthcheck looks at this file's age: a stuck event loop turns it stale.

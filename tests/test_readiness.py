@@ -205,6 +205,28 @@ def test_sdk_says_ready_then_alive_then_stopping(
     assert all(h.pack_id == "default" and h.interval == pytest.approx(0.2) for h in heard)
 
 
+def test_first_heartbeats_come_sooner_than_the_interval(ws: Workspace, nats_server: object) -> None:
+    """With the default 5 s interval, "alive" follows "ready" after ~1 s and ~3 s (1, 2, 4 s, … 5 s):
+    a replacement's own status soon follows the old instance's "stopping"."""
+
+    async def listen(seconds: float) -> list[Any]:
+        nc = await connect(ws, "cli")
+        heard: list[Any] = []
+        await StatusWatch(on_status=heard.append).start(nc)
+        with PackInThread(_pack(ws, 5.0)):
+            await asyncio.sleep(seconds)
+        await asyncio.sleep(0.3)
+        await nc.close()
+        return heard
+
+    heard = asyncio.run(asyncio.wait_for(listen(3.8), 60))
+    states = [h.state for h in heard]
+    assert states == ["ready", "alive", "alive", "stopping"], states
+    first, second = heard[1].heard_at - heard[0].heard_at, heard[2].heard_at - heard[1].heard_at
+    assert 0.7 < first < 2.0 and 1.7 < second < 3.0, (first, second)
+    assert all(h.interval == 5.0 for h in heard)  # the claim stays the interval: an upper bound
+
+
 def test_call_to_a_silent_pack_fails_fast(ws: Workspace, nats_server: object, pytestconfig: pytest.Config) -> None:
     """Heartbeats every 0.2 s: stale after 0.6 s. The call's own timeout is 30 s."""
 

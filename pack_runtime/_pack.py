@@ -574,7 +574,7 @@ class Pack:
     async def _heartbeat(self, nc: Client, ready_file: str | None) -> None:
         """Every `heartbeat_interval` s: "alive" on the status subject, and a fresh ready file's mtime.
 
-        The first ones come sooner (1, 2, 4 s after "ready", then every interval): when this instance
+        The first ones come sooner (1, 2 and 4 s apart, then every interval): when this instance
         replaces another, whose "stopping" is the last status readers stored, its own "alive" follows
         within about a second instead of a whole interval (`rumi up` waits for it to retire the old one).
         """

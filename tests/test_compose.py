@@ -109,8 +109,6 @@ def test_network_config_errors(pool: str, plen: int, packs: list[str], message: 
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ({"nano_cpus": 500_000_000}, {"cpus": 0.5}),
-        ({"nano_cpus": 1_250_000_000}, {"cpus": 1.25}),
         ({"cpu_period": 500_000, "cpu_quota": 250_000}, {"cpu_period": 500_000, "cpu_quota": 250_000}),
         ({"restart_policy": {"Name": "on-failure", "MaximumRetryCount": 5}}, {"restart": "on-failure:5"}),
         (

@@ -287,7 +287,6 @@ _TABLE: dict[str, _Convert | None] = {
     "mem_limit": _same("mem_limit"),
     "memswap_limit": _same("memswap_limit"),
     "mem_reservation": _same("mem_reservation"),
-    "nano_cpus": lambda n: ("cpus", round(int(n) / 1_000_000_000, 3)),
     "cpu_period": _same("cpu_period"),
     "cpu_quota": _same("cpu_quota"),
     "cpu_shares": _same("cpu_shares"),

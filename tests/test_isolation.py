@@ -646,11 +646,11 @@ def test_cold_start_is_reported(deployment: Deployment, pytestconfig: pytest.Con
     memory = {s.name: s.memory_bytes for s in samples}
     assert set(d.cold_start) == {"default", "other"}
     assert all(0 < t < 60 for t in d.cold_start.values())
-    # The CPU limit holds over a period long enough for the start-up: Python and the SDK ran without
-    # being throttled (over Docker's 100 ms period they were, ~90 ms of every cold start).
+    # The CPU limit (its quota is checked with docker-bench 5.11 above) holds over a period long enough
+    # for the start-up: Python and the SDK ran without being throttled (over Docker's 100 ms period they
+    # were, ~90 ms of every cold start). `periods` counts only periods that ended: it may still be 0.
     for pack, throttling in d.start_throttling.items():
-        assert throttling["periods"] > 0, (pack, throttling)  # the quota is in force
-        assert throttling["throttled_periods"] == 0, (pack, throttling)
+        assert throttling["throttled_periods"] == 0 and throttling["throttled_time"] == 0, (pack, throttling)
     _say(
         pytestconfig,
         "\ncold start (create -> ready): "
